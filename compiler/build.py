@@ -1,0 +1,108 @@
+"""compile_model: import -> int4 pass -> TVM build (our schedules first, dlight after) -> artifact."""
+from __future__ import annotations
+
+import dataclasses
+import os
+import tempfile
+import time
+from pathlib import Path
+
+from . import artifact
+from .errors import NibbleError
+from .quantize import QuantConfig
+from .target import resolve, tvm_target
+
+
+@dataclasses.dataclass
+class BuildOptions:
+    target: str = "cuda"
+    arch: str | None = None
+    quantize: bool = True
+    quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
+    skip: tuple[str, ...] = ()
+    min_size: int = 0
+    shapes: dict | None = None
+
+
+def relax_pipeline(target):
+    """TVM's default CUDA pipeline with our int4 schedule rules ahead of dlight's."""
+    import tvm
+    from tvm import relax
+    from tvm.relax.backend.cuda import pipeline as cuda
+
+    from schedules import gpu_rules
+
+    from tvm.s_tir import dlight as dl
+
+    legalize = [
+        relax.transform.LegalizeOps(),
+        relax.transform.AnnotateTIROpPattern(),
+        relax.transform.FoldConstant(),
+        relax.transform.FuseOps(),
+        relax.transform.FuseTIR(),
+        dl.ApplyDefaultSchedule(*gpu_rules(target)),
+    ]
+    passes = (cuda.library_dispatch_passes(target) + legalize + cuda.dataflow_lower_passes(target)
+              + cuda.finalize_passes(target))
+
+    @tvm.transform.module_pass(opt_level=0)
+    def _pipeline(mod, _ctx):
+        with target:
+            return tvm.transform.Sequential(passes)(mod)
+
+    return _pipeline
+
+
+def build_module(mod, spec: dict):
+    """Relax module -> TVM VM executable, for the resolved target spec."""
+    import tvm
+
+    target = tvm_target(spec)
+    if spec["kind"] == "cuda":
+        from .cuda import ensure_cuda_runtime, register_nvcc_callback
+
+        ensure_cuda_runtime()
+        register_nvcc_callback(spec["arch"])
+        return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
+    return tvm.compile(mod, target=target)
+
+
+def compile_model(source, example_inputs=None, output: str | os.PathLike | None = None,
+                  options: BuildOptions | None = None, log=print, **kw) -> Path:
+    """Compile an .onnx/.pt2 path, nn.Module or ExportedProgram into an artifact folder; returns its path.
+
+    Keyword arguments are BuildOptions fields (target="cuda", arch="sm_90", group_size=128, ...).
+    """
+    if "group_size" in kw or "symmetric" in kw:
+        kw["quant"] = QuantConfig(kw.pop("group_size", 128), kw.pop("symmetric", True))
+    opts = options or BuildOptions(**kw)
+    spec = resolve(opts.target, opts.arch)  # before the slow import, so a bad target fails at once
+    from frontends import import_model
+
+    from .int4_pass import PassReport, quantize_linears
+
+    t0 = time.perf_counter()
+    imp = import_model(source, example_inputs, opts.shapes)
+    log(f"imported {imp.source} in {time.perf_counter() - t0:.1f} s")
+    mod, params = imp.mod, imp.params
+    inputs = artifact.describe_inputs(mod)
+    if opts.quantize:
+        mod, params, report = quantize_linears(mod, params, opts.quant, opts.skip, opts.min_size)
+        log(report.summary())
+        for layer in report.layers:
+            if layer.why:
+                log(f"  {layer.name} [{layer.n}x{layer.k}]: {layer.why}")
+    else:
+        report = PassReport()
+        log("--no-quantize: linear layers kept as imported")
+    t0 = time.perf_counter()
+    ex = build_module(mod, spec)
+    log(f"built for {spec['kind']}{' ' + spec['arch'] if 'arch' in spec else ''} in "
+        f"{time.perf_counter() - t0:.1f} s")
+    if output is None:
+        stem = Path(source).stem if isinstance(source, (str, Path)) else type(source).__name__.lower()
+        output = Path(f"{stem}.nibble")
+    manifest = artifact.manifest(imp, mod, spec, opts, report, inputs)
+    path = artifact.write(Path(output), ex, params, manifest)
+    log(f"wrote {path}")
+    return path

@@ -1,0 +1,84 @@
+"""ONNX files into Relax with TVM's ONNX frontend, weights kept as parameters, dim_params symbolic."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from compiler.errors import NibbleError
+
+from . import Imported, split_params
+
+
+def _load(path: Path):
+    import onnx
+
+    try:
+        model = onnx.load(str(path))  # external data files beside the model load with it
+    except Exception as e:  # protobuf's DecodeError, truncated files, missing external data
+        raise NibbleError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
+    try:
+        onnx.checker.check_model(model)
+    except Exception as e:
+        raise NibbleError(f"{path}: invalid ONNX model: {str(e).splitlines()[0]}") from None
+    return model
+
+
+def _check_ops(model, path: Path) -> None:
+    """Name the first node whose op TVM has no converter for (its own error does not)."""
+    from tvm.relax.frontend.onnx.onnx_frontend import _get_convert_map
+
+    known = _get_convert_map()
+    for node in model.graph.node:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in known:
+            where = f"node {node.name!r}" if node.name else f"node #{list(model.graph.node).index(node)}"
+            dom = f" (domain {node.domain})" if node.domain not in ("", "ai.onnx") else ""
+            raise NibbleError(f"{path}: op {node.op_type}{dom} at {where} is not supported by the "
+                              "ONNX importer")
+
+
+def input_specs(model) -> dict[str, tuple[list, str]]:
+    """{graph input name: ([dim int or dim_param str or None], dtype)} for the real (non-weight) inputs."""
+    import onnx
+
+    inits = {i.name for i in model.graph.initializer}
+    out = {}
+    for inp in model.graph.input:
+        if inp.name in inits:
+            continue
+        tt = inp.type.tensor_type
+        dims = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None) for d in tt.shape.dim]
+        out[inp.name] = (dims, onnx.helper.tensor_dtype_to_np_dtype(tt.elem_type).name)
+    return out
+
+
+def from_onnx_file(path: Path, shapes: dict[str, tuple] | None = None) -> Imported:
+    import tvm
+    from tvm.relax.frontend.onnx import from_onnx
+
+    model = _load(path)
+    _check_ops(model, path)
+    specs = input_specs(model)
+    shapes = shapes or {}
+    for name in shapes:
+        if name not in specs:
+            raise NibbleError(f"--shape names input {name!r}, but {path} has inputs {sorted(specs)}")
+    shape_dict, dtype_dict = {}, {}
+    for name, (dims, dtype) in specs.items():
+        dtype_dict[name] = dtype
+        pinned = shapes.get(name)
+        if pinned is None:
+            continue  # the importer keeps dim_params as symbolic vars of the same name
+        if len(pinned) != len(dims):
+            raise NibbleError(f"--shape {name}: rank {len(pinned)} given, the model's input has rank "
+                              f"{len(dims)} {dims}")
+        # TVM takes a shape_dict entry whole: pinned dims as ints, the rest as their tir vars
+        shape_dict[name] = [p if p is not None else (d if isinstance(d, int) else tvm.tirx.Var(d or f"{name}_dim{i}", "int64"))
+                            for i, (p, d) in enumerate(zip(pinned, dims))]
+    try:
+        mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=True)
+    except NibbleError:
+        raise
+    except Exception as e:
+        msg = str(e).strip().splitlines()
+        raise NibbleError(f"{path}: TVM's ONNX importer failed: {msg[-1] if msg else type(e).__name__}") from None
+    mod, params = split_params(mod, str(path))
+    return Imported(mod, params, [o.name for o in model.graph.output], str(path))

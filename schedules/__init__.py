@@ -1,0 +1,17 @@
+"""TensorIR schedule rules for the fused int4 matmul (compiler/int4_kernel.py), dlight style:
+each rule is `apply(func, target, tunable) -> Schedule | None`; the first rule that answers wins.
+"""
+from __future__ import annotations
+
+
+def gpu_rules(target) -> list:
+    """Rules for a CUDA target, ours first; TVM's dlight rules schedule everything else."""
+    from tvm.s_tir import dlight as dl
+
+    return [
+        dl.gpu.Matmul(),
+        dl.gpu.GEMV(),
+        dl.gpu.Reduction(),
+        dl.gpu.GeneralReduction(),
+        dl.gpu.Fallback(),
+    ]
