@@ -63,7 +63,7 @@ def manifest(imp, mod, spec: dict, opts, report, inputs) -> dict:
         "format": FORMAT, "format_version": FORMAT_VERSION,
         "nibble_version": __version__, "tvm_version": tvm.__version__,
         "source": imp.source,
-        "target": {k: spec[k] for k in ("kind", "arch") if k in spec},
+        "target": {k: spec[k] for k in ("kind", "arch", "mcpu") if k in spec},
         "inputs": inputs,
         "outputs": _describe_outputs(mod, imp.output_names),
         "params": [p.name for p in mod["main"].params[len(inputs):]],
@@ -109,7 +109,11 @@ def write(dest: Path, executable, params: dict[str, np.ndarray], meta: dict) -> 
         meta["files"] = {LIB: {"bytes": (tmp / LIB).stat().st_size, "sha256": _sha256(tmp / LIB)},
                          WEIGHTS: {"bytes": (tmp / WEIGHTS).stat().st_size}}
         (tmp / MANIFEST).write_text(json.dumps(meta, indent=1))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; an artifact is an ordinary folder
         for f in tmp.iterdir():  # durable before it becomes visible
+            os.chmod(f, 0o666 & ~umask)
             with open(f, "rb") as fh:
                 os.fsync(fh.fileno())
         if dest.exists():

@@ -63,7 +63,16 @@ def build_module(mod, spec: dict):
 
         ensure_cuda_runtime()
         register_nvcc_callback(spec["arch"])
+        from .dispatch import dispatch_small_m
+
+        mod = dispatch_small_m(mod)  # int4 kernels: GEMV copies for small m, GEMM otherwise
         return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
+    from tvm.s_tir import dlight as dl
+
+    from schedules.cpu import Int4MatmulCPU
+
+    with target:
+        mod = dl.ApplyDefaultSchedule(Int4MatmulCPU())(mod)
     return tvm.compile(mod, target=target)
 
 

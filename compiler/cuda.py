@@ -92,7 +92,7 @@ def register_nvcc_callback(arch: str) -> None:
         with tempfile.TemporaryDirectory(prefix="nibble-nvcc-") as tmp:
             cu, cubin = Path(tmp, "k.cu"), Path(tmp, "k.cubin")
             cu.write_text(code)
-            cmd = [nvcc, "--cubin", "-O3", f"-arch={arch}", "-lineinfo", "-o", str(cubin), str(cu)]
+            cmd = [nvcc, "--cubin", "-O3", f"-arch={arch}", "-o", str(cubin), str(cu)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode:
                 raise NibbleError(f"nvcc failed for {arch}:\n{r.stderr.strip()[-2000:]}")

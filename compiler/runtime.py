@@ -62,6 +62,12 @@ class CompiledModel:
                               f"cannot run on device {device!r}; recompile with --target "
                               f"{'cuda' if want == 'cuda' else 'llvm'}")
         self.device = _device(device)
+        if kind == "llvm" and meta["target"].get("mcpu"):
+            from .target import _host_cpu
+
+            if _host_cpu().get("mcpu") != meta["target"]["mcpu"]:
+                raise NibbleError(f"{self.path} was built for CPUs with {meta['target']['mcpu']} "
+                                  "(AVX2/FMA/F16C), which this CPU lacks; recompile it here")
         if kind == "cuda":
             got = "sm_" + self.device.compute_version.replace(".", "")
             if got != meta["target"]["arch"]:

@@ -1,4 +1,9 @@
-"""ONNX files into Relax with TVM's ONNX frontend, weights kept as parameters, dim_params symbolic."""
+"""ONNX files into Relax with TVM's ONNX frontend, weights kept as parameters, dim_params symbolic.
+
+The graph is first prepared with ONNX's own tools (frontends/onnx_prepare.py), then converted by
+TVM's importer with nibble's fixed converters (frontends/onnx_converters.py) swapped in for this
+import only.
+"""
 from __future__ import annotations
 
 from pathlib import Path
@@ -50,9 +55,43 @@ def input_specs(model) -> dict[str, tuple[list, str]]:
     return out
 
 
+def _importer_class():
+    """TVM's graph importer, converting with frontends.onnx_converters.convert_map()."""
+    from tvm.relax.frontend.onnx import onnx_frontend as tvm_onnx
+
+    from .onnx_converters import convert_map
+
+    class Importer(tvm_onnx.ONNXGraphImporter):
+        def _check_for_unsupported_ops(self, graph):
+            pass  # _check_ops did it, naming the node
+
+        def _convert_operator(self, op_name, inputs, attrs, opset):
+            table = convert_map()
+            if op_name not in table:
+                raise NotImplementedError(f"Operator {op_name} not implemented.")
+            sym = table[op_name].get_converter(opset)(self.bb, inputs, attrs, [self._nodes, self._params])
+            return self.bb.normalize(sym) if isinstance(sym, tvm_onnx.relax.Expr) else sym
+
+    return Importer
+
+
+def _opset(model) -> int:
+    for o in model.opset_import:
+        if o.domain in ("", "ai.onnx"):
+            return int(o.version)
+    return 1
+
+
+def _convert(model, shape_dict, dtype_dict):
+    """TVM's from_onnx (keep_params_in_input=True) with our converter map."""
+    importer = _importer_class()(shape_dict, dtype_dict, keep_params_in_input=True, sanitize=True)
+    return importer.from_onnx(model.graph, _opset(model))
+
+
 def from_onnx_file(path: Path, shapes: dict[str, tuple] | None = None) -> Imported:
     import tvm
-    from tvm.relax.frontend.onnx import from_onnx
+
+    from .onnx_prepare import prepare
 
     model = _load(path)
     _check_ops(model, path)
@@ -73,8 +112,9 @@ def from_onnx_file(path: Path, shapes: dict[str, tuple] | None = None) -> Import
         # TVM takes a shape_dict entry whole: pinned dims as ints, the rest as their tir vars
         shape_dict[name] = [p if p is not None else (d if isinstance(d, int) else tvm.tirx.Var(d or f"{name}_dim{i}", "int64"))
                             for i, (p, d) in enumerate(zip(pinned, dims))]
+    model = prepare(model)
     try:
-        mod = from_onnx(model, shape_dict=shape_dict, dtype_dict=dtype_dict, keep_params_in_input=True)
+        mod = _convert(model, shape_dict, dtype_dict)
     except NibbleError:
         raise
     except Exception as e:

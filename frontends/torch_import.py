@@ -17,10 +17,12 @@ def _export(module, example_inputs, dynamic: bool):
         example_inputs = (example_inputs,)
     dyn = None
     if dynamic:
-        # every dim of every input may vary except the last (features); torch.export specializes
-        # what the model really pins
+        # dims may vary unless the model pins them (torch.export specializes those, and size-1 example
+        # dims: give examples with sizes >= 2 to keep a dim dynamic)
         names = list(__import__("inspect").signature(module.forward).parameters)[:len(example_inputs)]
-        dyn = {n: {d: torch.export.Dim.AUTO for d in range(t.dim() - 1)} for n, t in zip(names, example_inputs)}
+        # (token ids: every dim; float features: all but the last)
+        ndyn = lambda t: t.dim() if not t.is_floating_point() else t.dim() - 1
+        dyn = {n: {d: torch.export.Dim.AUTO for d in range(ndyn(t))} for n, t in zip(names, example_inputs)}
     try:
         return torch.export.export(module.eval(), tuple(example_inputs), dynamic_shapes=dyn)
     except Exception as e:

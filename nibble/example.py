@@ -58,3 +58,21 @@ def export_onnx(model: nn.Module, path, seq: int = 8) -> None:
     torch.onnx.export(model, (ids,), str(path), input_names=["input_ids"], output_names=["logits"],
                       dynamic_axes={"input_ids": {0: "batch", 1: "seq"}, "logits": {0: "batch", 1: "seq"}},
                       dynamo=False)
+
+
+def with_int4_weights(model: nn.Module, cfg=None) -> nn.Module:
+    """A copy of `model` whose nn.Linear weights are replaced by their int4 round trip (the same
+    quantizer the compiler uses): the reference that isolates kernel error from quantization error."""
+    import copy
+
+    from compiler.quantize import QuantConfig, dequantize, quantize
+
+    cfg = cfg or QuantConfig()
+    ref = copy.deepcopy(model)
+    with torch.no_grad():
+        for mod in ref.modules():
+            if isinstance(mod, nn.Linear):
+                w = mod.weight.detach().float().numpy()
+                deq = dequantize(quantize(w, cfg), w.shape[1], cfg)
+                mod.weight.copy_(torch.from_numpy(deq))
+    return ref

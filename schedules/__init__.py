@@ -8,7 +8,10 @@ def gpu_rules(target) -> list:
     """Rules for a CUDA target, ours first; TVM's dlight rules schedule everything else."""
     from tvm.s_tir import dlight as dl
 
+    from .gemv import GEMV
+
     return [
+        GEMV(),  # small-m copies made by compiler/dispatch.py; None for anything else
         dl.gpu.Matmul(),
         dl.gpu.GEMV(),
         dl.gpu.Reduction(),

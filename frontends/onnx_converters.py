@@ -1,0 +1,220 @@
+"""Fixes to TVM 0.27's Relax ONNX converters for the shape arithmetic transformer exporters write.
+
+Each class below subclasses TVM's converter for one op and handles the pattern TVM gets wrong,
+deferring to TVM for everything else, so each can be sent upstream as a patch to
+tvm/relax/frontend/onnx/onnx_frontend.py. `convert_map()` is TVM's op -> converter map with these
+swapped in; frontends/onnx_import.py uses it only during our import (TVM's module is not patched).
+
+Why each is needed (what real exports contain):
+
+- Range(0, dim, 1) with dim a symbolic shape value (position ids, causal masks): TVM computes the
+  length at run time and binds it to a fresh var ("range_len_0"), so every tensor broadcast against
+  it (x + pos_emb[range]) loses its shape, and a later Reshape(-1) / Expand / Shape->Slice fails.
+  Fix: integer start/delta known at import time and a scalar limit -> relax.op.arange, whose length
+  (limit - start) ceildiv delta stays symbolic in terms of the input dims.
+- ConstantOfShape fed an empty shape tensor (a 0-d result, TorchScript exporter): TVM broadcasts
+  the 1-element `value` tensor to the empty shape, which broadcast_to rejects (ndim 1 -> 0).
+  Fix: the value attribute is a scalar (the spec says a 1-element tensor), used as such.
+- Expand of a tensor whose shape the importer does not know (only its rank): TVM iterates the
+  unknown shape ("'NoneType' object is not iterable"). Fix: expand through the ONNX broadcast
+  rule computed at run time (data * ones(target)), which keeps the known rank.
+- Slice / Gather / Unsqueeze / Squeeze / Concat on the result of Shape of a tensor whose dims are
+  not known at import time (an R.Shape(ndim=k) value, not a ShapeExpr): TVM's converters only take
+  ShapeExpr or tensors. Fix: materialize the shape as an int64 tensor first (shape_to_tensor).
+- Unsqueeze of a rank-1 shape value (decode graphs with past key/values build [batch, heads, past +
+  seq, dim] this way): a ShapeExpr is not a tensor, so unsqueezing it to [1, n] goes via a tensor.
+- Reshape with -1 of a tensor whose shape is unknown (only its rank): relax.reshape needs the input
+  shape to infer -1. Fix: compute the target at run time from the input's runtime shape
+  (0 -> copy, -1 -> numel / product of the others) and reshape to that shape tensor.
+"""
+from __future__ import annotations
+
+import numpy as np
+import tvm
+from tvm import relax, tirx
+from tvm.relax.frontend.onnx import onnx_frontend as _tvm
+
+_INT = ("int32", "int64")
+
+
+def _const_int(x):
+    """A Python int if x is an integer scalar known at import time (constant or IntImm), else None."""
+    if isinstance(x, tvm.ir.GenericConst):
+        v = x.value.numpy()
+        if v.size == 1 and v.dtype.kind in "iu":
+            return int(v.reshape(()))
+    if isinstance(x, tirx.IntImm):
+        return int(x.value)
+    return None
+
+
+def _is_shape_value(x) -> bool:
+    """An R.Shape-typed expression that is not a literal ShapeExpr (e.g. shape_of(t), dims unknown)."""
+    return (isinstance(x, relax.Expr) and not isinstance(x, relax.ShapeExpr)
+            and isinstance(getattr(x, "ty", None), relax.ShapeType))
+
+
+def _as_tensor(bb, x):
+    """Shape values (ShapeExpr or R.Shape vars) -> 1-D int64 tensors; other exprs unchanged."""
+    if isinstance(x, relax.ShapeExpr) or _is_shape_value(x):
+        return bb.normalize(relax.op.shape_to_tensor(x))
+    return x
+
+
+def _shape_known(x) -> bool:
+    ty = getattr(x, "ty", None)
+    return isinstance(ty, relax.TensorType) and ty.shape is not None
+
+
+class Range(_tvm.Range):
+    """Range(start, limit, delta) with a symbolic scalar limit keeps a symbolic output length."""
+
+    @classmethod
+    def _impl_v12(cls, bb, inputs, attr, params):
+        start, limit, delta = (_tvm.get_constant(i, params) for i in inputs[:3])
+        s, d = _const_int(start), _const_int(delta)
+        if s is not None and d is not None and d > 0 and tvm.ir.is_prim_expr(limit) \
+                and str(limit.dtype) in _INT and not isinstance(limit, tirx.IntImm):
+            dtype = str(start.ty.dtype)
+            lim = limit if str(limit.dtype) == "int64" else tirx.Cast("int64", limit)
+            out = relax.op.arange(relax.prim_value(tirx.const(s, "int64")), relax.prim_value(lim),
+                                  relax.prim_value(tirx.const(d, "int64")), "int64")
+            return out if dtype == "int64" else relax.op.astype(out, dtype)
+        return super()._impl_v12(bb, inputs, attr, params)
+
+
+class ConstantOfShape(_tvm.ConstantOfShape):
+    """ConstantOfShape whose `value` is a 1-element tensor, also for an empty (0-d) target shape."""
+
+    @classmethod
+    def _impl_v9(cls, bb, inputs, attr, params):
+        shape = _tvm.get_constant(inputs[0], params)
+        value = attr.get("value")
+        arr = _tvm.get_numpy(value) if value is not None else np.zeros((1,), "float32")
+        scalar = arr.reshape(())  # the spec: a one-element tensor
+        dtype = str(arr.dtype)
+        if isinstance(shape, tvm.ir.GenericConst):
+            dims = [int(v) for v in shape.value.numpy().reshape(-1)]
+            return relax.const(np.full(dims, scalar, dtype), dtype)
+        if isinstance(shape, relax.ShapeExpr) and len(shape.values) == 0:
+            return relax.const(np.asarray(scalar, dtype), dtype)
+        if not isinstance(shape, relax.ShapeExpr) and not _is_shape_value(shape):
+            shape = bb.normalize(relax.op.tensor_to_shape(shape))
+        return relax.op.broadcast_to(relax.const(scalar, dtype), shape)
+
+
+class Expand(_tvm.Expand):
+    """Expand of a tensor of unknown dims: ONNX broadcasting done by multiplying with ones(target)."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        data, shape = inputs[0], _tvm.get_constant(inputs[1], params)
+        if _shape_known(data) and not _is_shape_value(shape):
+            return super()._impl_v13(bb, inputs, attr, params)
+        if isinstance(shape, tvm.ir.GenericConst):
+            shape = relax.ShapeExpr([int(v) for v in shape.value.numpy().reshape(-1)])
+        elif not isinstance(shape, relax.ShapeExpr) and not _is_shape_value(shape):
+            shape = bb.normalize(relax.op.tensor_to_shape(shape))
+        dtype = str(data.ty.dtype)
+        ones = bb.normalize(relax.op.broadcast_to(relax.const(1, dtype), shape))
+        if dtype == "bool":
+            return relax.op.logical_and(data, ones)
+        return relax.op.multiply(data, ones)
+
+
+class Slice(_tvm.Slice):
+    """Slice of a shape value whose dims are unknown at import time goes through an int64 tensor."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        if _is_shape_value(inputs[0]):
+            inputs = _tvm.onnx_input([_as_tensor(bb, inputs[0])] + list(inputs[1:]))
+        return super()._impl_v13(bb, inputs, attr, params)
+
+
+class Gather(_tvm.Gather):
+    """Gather from a shape value whose dims are unknown at import time goes through an int64 tensor."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        if _is_shape_value(inputs[0]):
+            inputs = _tvm.onnx_input([_as_tensor(bb, inputs[0])] + list(inputs[1:]))
+        return super()._impl_v13(bb, inputs, attr, params)
+
+
+class Unsqueeze(_tvm.Unsqueeze):
+    """Unsqueeze of a shape value (ShapeExpr or R.Shape) unsqueezes it as a 1-D int64 tensor."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        if isinstance(inputs[0], relax.ShapeExpr) or _is_shape_value(inputs[0]):
+            inputs = _tvm.onnx_input([_as_tensor(bb, inputs[0])] + list(inputs[1:]))
+        return super()._impl_v13(bb, inputs, attr, params)
+
+
+class Squeeze(_tvm.Squeeze):
+    """Squeeze of an R.Shape value of unknown dims goes through an int64 tensor."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        if _is_shape_value(inputs[0]):
+            inputs = _tvm.onnx_input([_as_tensor(bb, inputs[0])] + list(inputs[1:]))
+        return super()._impl_v13(bb, inputs, attr, params)
+
+
+class Concat(_tvm.Concat):
+    """Concat mixing R.Shape values of unknown dims with tensors concatenates int64 tensors."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        if any(_is_shape_value(i) for i in inputs):
+            inputs = _tvm.onnx_input([_as_tensor(bb, i) for i in inputs])
+        return super()._impl_v13(bb, inputs, attr, params)
+
+
+class Reshape(_tvm.Reshape):
+    """Reshape with 0 / -1 entries of a tensor whose dims are unknown: the target computed at run time."""
+
+    @classmethod
+    def _impl_v13(cls, bb, inputs, attr, params):
+        data, new_shape = inputs[0], _tvm.get_constant(inputs[1], params)
+        if not isinstance(data, relax.Expr) or isinstance(data, (relax.ShapeExpr, tvm.ir.GenericConst)) \
+                or _shape_known(data) or _is_shape_value(data) or attr.get("allowzero", 0):
+            return super()._impl_v13(bb, inputs, attr, params)
+        if isinstance(new_shape, relax.ShapeExpr):
+            if not any(_const_int(v) in (0, -1) for v in new_shape.values):
+                return relax.op.reshape(data, new_shape)
+            new_shape = _as_tensor(bb, new_shape)
+        if isinstance(new_shape, tvm.ir.GenericConst):
+            target = [int(v) for v in new_shape.value.numpy().reshape(-1)]
+            if 0 not in target and -1 not in target:
+                return relax.op.reshape(data, target)
+        rank = _tvm._get_known_tensor_length(new_shape)
+        if rank is None:
+            return super()._impl_v13(bb, inputs, attr, params)
+        new_shape = bb.normalize(relax.op.astype(new_shape, "int64"))
+        in_shape = bb.normalize(relax.op.shape_to_tensor(bb.normalize(relax.op.shape_of(data))))
+        in_rank = data.ty.ndim
+        # 0 copies the input dim at the same position (positions past the input rank never hold 0)
+        if in_rank >= rank:
+            same_pos = relax.op.strided_slice(in_shape, [0], [0], [rank])
+        else:
+            pad = relax.op.full((rank - in_rank,), relax.const(1, "int64"), "int64")
+            same_pos = relax.op.concat([in_shape, pad], axis=0)
+        zero, neg = relax.const(0, "int64"), relax.const(-1, "int64")
+        dims = bb.normalize(relax.op.where(relax.op.equal(new_shape, zero), same_pos, new_shape))
+        # -1 takes numel / product of the other dims
+        known = bb.normalize(relax.op.where(relax.op.equal(dims, neg), relax.const(1, "int64"), dims))
+        numel = relax.op.prod(in_shape, keepdims=True)
+        fill = bb.normalize(relax.op.floor_divide(numel, relax.op.prod(known, keepdims=True)))
+        dims = bb.normalize(relax.op.where(relax.op.equal(dims, neg), fill, dims))
+        return relax.op.reshape(data, bb.normalize(relax.op.tensor_to_shape(dims)))
+
+
+OVERRIDES = {c.__name__: c for c in (Range, ConstantOfShape, Expand, Slice, Gather, Unsqueeze, Squeeze,
+                                     Concat, Reshape)}
+
+
+def convert_map() -> dict:
+    """TVM's ONNX op -> converter map with nibble's fixed converters in place of TVM's."""
+    return {**_tvm._get_convert_map(), **OVERRIDES}

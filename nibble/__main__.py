@@ -1,0 +1,5 @@
+import sys
+
+from nibble.cli import main
+
+sys.exit(main())

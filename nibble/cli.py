@@ -1,0 +1,202 @@
+"""The `nibble` command line: compile, run, inspect, demo.
+
+Every error prints one line naming what is wrong and exits 1 (2 for usage errors); --debug shows the
+traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+from compiler.errors import NibbleError
+
+EPILOG = """examples:
+  nibble demo                                   build, run and check the built-in example model
+  nibble compile model.onnx --target cuda --arch sm_90      -> model.nibble/
+  nibble compile model.pt2 --target llvm --group-size 64    torch.export program, CPU build
+  nibble compile model.onnx --shape input_ids=1x?           pin batch to 1, keep seq dynamic
+  nibble run model.nibble --input input_ids=ids.npy --save out.npz
+  nibble inspect model.nibble
+"""
+
+
+def _shape(text: str) -> tuple[str, tuple]:
+    """"name=1x128" or "name=1x?" -> (name, (1, None))."""
+    if "=" not in text:
+        raise NibbleError(f"--shape {text!r}: expected NAME=DIMS like input_ids=1x128 (? keeps a dim dynamic)")
+    name, dims = text.split("=", 1)
+    out = []
+    for d in dims.lower().split("x"):
+        if d in ("?", "-1", ""):
+            out.append(None)
+        elif d.isdigit():
+            out.append(int(d))
+        else:
+            raise NibbleError(f"--shape {text!r}: dim {d!r} is neither a number nor ?")
+    return name, tuple(out)
+
+
+def cmd_compile(a) -> int:
+    from compiler.build import BuildOptions, compile_model
+    from compiler.quantize import QuantConfig
+
+    opts = BuildOptions(target=a.target, arch=a.arch, quantize=not a.no_quantize,
+                        quant=QuantConfig(a.group_size, not a.asym), skip=tuple(a.skip),
+                        min_size=a.min_size, shapes=dict(_shape(s) for s in a.shape) or None)
+    compile_model(a.model, output=a.output, options=opts, log=lambda s: print(s, flush=True))
+    return 0
+
+
+def _load_input(text: str) -> tuple[str, np.ndarray]:
+    if "=" not in text:
+        raise NibbleError(f"--input {text!r}: expected NAME=FILE.npy")
+    name, f = text.split("=", 1)
+    try:
+        return name, np.load(f, allow_pickle=False)
+    except FileNotFoundError:
+        raise NibbleError(f"--input {name}: {f}: no such file") from None
+    except Exception as e:
+        raise NibbleError(f"--input {name}: {f}: not a .npy array ({e})") from None
+
+
+def cmd_run(a) -> int:
+    import nibble
+
+    m = nibble.load(a.artifact, a.device)
+    inputs = dict(_load_input(t) for t in a.input)
+    t0 = time.perf_counter()
+    out = m(**inputs)
+    dt = time.perf_counter() - t0
+    outs = out if isinstance(out, tuple) else (out,)
+    for spec, o in zip(m.outputs, outs):
+        o64 = o.astype(np.float64)
+        print(f"{spec['name']}: shape {list(o.shape)} {o.dtype}  sum {o64.sum():.6g}  "
+              f"mean|x| {np.abs(o64).mean():.6g}  finite {bool(np.isfinite(o64).all())}")
+    print(f"first call {dt * 1e3:.2f} ms (includes upload)")
+    if a.save:
+        tmp = Path(a.save).with_suffix(".tmp.npz")
+        np.savez(tmp, **{s["name"]: o for s, o in zip(m.outputs, outs)})
+        tmp.replace(a.save)
+        print(f"saved {a.save}")
+    return 0
+
+
+def _fmt_io(io) -> str:
+    return f"{io['name']}: [{', '.join(str(d) for d in io['shape'])}] {io['dtype']}"
+
+
+def cmd_inspect(a) -> int:
+    from compiler.artifact import read_manifest
+
+    meta = read_manifest(Path(a.artifact))
+    if a.json:
+        print(json.dumps(meta, indent=1))
+        return 0
+    t = meta["target"]
+    print(f"{a.artifact}: built by nibble {meta['nibble_version']} with TVM {meta['tvm_version']} "
+          f"from {meta['source']}")
+    print(f"target: {t['kind']}{' ' + t['arch'] if 'arch' in t else ''}"
+          f"{'  (cubins: ' + ', '.join(meta['cubins']) + ')' if meta.get('cubins') else ''}")
+    print("inputs:\n  " + "\n  ".join(_fmt_io(i) for i in meta["inputs"]))
+    print("outputs:\n  " + "\n  ".join(_fmt_io(o) for o in meta["outputs"]))
+    q = meta["quantization"]
+    layers = meta["layers"]
+    nq = sum(l["quantized"] for l in layers)
+    if q is None:
+        print("quantization: none (--no-quantize)")
+    else:
+        g = "per-channel" if q["group_size"] == -1 else f"group {q['group_size']}"
+        wb = meta["weight_bytes"]
+        print(f"quantization: int4 {g}, {'symmetric' if q['symmetric'] else 'asymmetric'}; {nq} of "
+              f"{len(layers)} linear layers; {wb['linear_fp16'] / 1e6:.2f} MB fp16 -> "
+              f"{wb['linear_int4'] / 1e6:.2f} MB int4")
+        for l in layers:
+            note = f"  ({l['note']})" if l["note"] else ""
+            print(f"  {'int4' if l['quantized'] else 'kept'}  {l['name']}  [{l['n']} x {l['k']}]{note}")
+    print(f"files: " + ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB" for k, v in meta["files"].items()))
+    return 0
+
+
+def cmd_demo(a) -> int:
+    from nibble.demo import run_demo
+
+    return run_demo(a.target, a.arch, Path(a.dir))
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="nibble", description="int4 weight-only (W4A16) compiler for "
+                                "linear-heavy networks, built on Apache TVM.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--debug", action="store_true", help="show Python tracebacks on errors")
+    sub = p.add_subparsers(dest="cmd", required=True, metavar="COMMAND")
+
+    c = sub.add_parser("compile", help="compile an .onnx or .pt2 model into a .nibble artifact folder",
+                       description="Import the model, rewrite every linear layer (MatMul/Gemm/aten.linear "
+                       "with a constant weight) into a fused int4 weight-only matmul, build for the target "
+                       "and write an artifact folder (library, weights, manifest).")
+    c.add_argument("model", help="model file: .onnx (external data beside it is read) or .pt2 "
+                   "(torch.export.save)")
+    c.add_argument("-o", "--output", help="artifact folder to write (default: MODEL_STEM.nibble)")
+    c.add_argument("--target", default="cuda", help="cuda (default) or llvm (CPU)")
+    c.add_argument("--arch", help="CUDA arch to build for, e.g. sm_90 (default: the local GPU's)")
+    c.add_argument("--group-size", type=int, default=128,
+                   help="columns of K per fp16 scale: 32, 64, 128 (default) or -1 for per-channel")
+    c.add_argument("--asym", action="store_true", help="asymmetric int4 (a zero point per group)")
+    c.add_argument("--no-quantize", action="store_true",
+                   help="keep linear layers as imported (same graph, no int4): a baseline build")
+    c.add_argument("--skip", action="append", default=[], metavar="PATTERN",
+                   help="do not quantize weights whose name matches this glob (repeatable), e.g. '*head*'")
+    c.add_argument("--min-size", type=int, default=0,
+                   help="quantize only weights with at least this many elements")
+    c.add_argument("--shape", action="append", default=[], metavar="NAME=DIMS",
+                   help="pin an input's dims, e.g. input_ids=1x128 or input_ids=1x? (? stays dynamic)")
+    c.set_defaults(func=cmd_compile)
+
+    r = sub.add_parser("run", help="run an artifact on .npy inputs; prints shapes and checksums")
+    r.add_argument("artifact")
+    r.add_argument("--input", action="append", default=[], metavar="NAME=FILE.npy")
+    r.add_argument("--device", help="cuda or cpu (default: what it was built for)")
+    r.add_argument("--save", metavar="OUT.npz", help="save the outputs")
+    r.set_defaults(func=cmd_run)
+
+    i = sub.add_parser("inspect", help="show an artifact's inputs, outputs, target and quantized layers")
+    i.add_argument("artifact")
+    i.add_argument("--json", action="store_true", help="print the whole manifest")
+    i.set_defaults(func=cmd_inspect)
+
+    d = sub.add_parser("demo", help="build, run and check the built-in example (a small GPT-style model)")
+    d.add_argument("--target", default=None, help="cuda or llvm (default: cuda if a GPU is here, else llvm)")
+    d.add_argument("--arch", help="CUDA arch (default: the local GPU's)")
+    d.add_argument("--dir", default="nibble-demo", help="where to write the model and artifact")
+    d.set_defaults(func=cmd_demo)
+    return p
+
+
+def main(argv=None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except NibbleError as e:
+        if args.debug:
+            raise
+        print(f"nibble {args.cmd}: error: {e}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print(f"nibble {args.cmd}: interrupted", file=sys.stderr)
+        return 130
+    except Exception as e:  # an internal failure: still one line, the traceback with --debug
+        if args.debug:
+            raise
+        first = str(e).strip().splitlines()
+        print(f"nibble {args.cmd}: internal error: {type(e).__name__}: {first[-1] if first else ''} "
+              "(rerun with --debug for the traceback)", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,191 @@
+"""Decode-time (small token count) schedule for the fused int4 matmul: a batched GEMV.
+
+Recognizes the PrimFunc of compiler/int4_kernel.py by its "nibble.int4" attr, but only a copy that the
+dispatch pass (compiler/dispatch.py) tagged `"nibble.kernel" = "gemv"` with the token bucket it serves
+(`"nibble.rows" = B`: that copy runs only for m <= B). Everything else returns None and falls through
+to dlight (the big-m copy is scheduled by dlight's Matmul).
+
+Why a hand-laid-out TIR kernel and not a chain of schedule primitives: at decode the kernel must run at
+the memory roofline, and on an H200 that leaves ~4 issue slots per weight (33 T lane-ops/s over ~8.7 T
+int4 weights/s). The PrimFunc's own dequantize (shift, and, int->fp16 convert, sub, mul, fp16->fp32)
+costs ~7, with the convert on a quarter-rate pipe, which is why dlight's GEMV stops at ~half the
+roofline. Primitives can move that arithmetic around but not change it, so the rule emits an
+equivalent kernel with a cheaper decode (same inputs, same fp32 accumulation):
+
+  * 128-bit loads: each lane reads one uint4 = 4 words = 32 weights of a row per chunk; a warp reads
+    32 consecutive chunks (512 B contiguous); U chunks x TS rows per lane are issued before any math.
+  * decode with a float "magic number": for nibble j of word w, with p = 4 * (j % 4),
+        as_float(0x4B000000 | (w' & (0xF << p))) - (2^23 + z * 2^p)  ==  (q - z) * 2^p   exactly
+    (w' = w for j < 4, w >> 16 else). One LOP3 + one FADD per weight; the 2^p is undone by folding
+    2^-p into x once per (row of x, k) and shared by the TS weight rows of the thread (exact: powers
+    of two). Then one FFMA per weight per token.
+  * the group scale is applied once per 32-weight chunk: sum_k x*(q-z) in fp32, times s. Real-number
+    equal to the PrimFunc (which rounds each (q-z)*s to fp16 first); it is closer to the fp32
+    reference (compiler.quantize.dequantize), not further.
+  * reduction split: every row's K is spread over the 32 lanes of a warp (warp-shuffle reduce, no
+    shared memory, no atomics), so even N=4096 gives 4096 warps / 132 SMs ~ 31 warps per SM and all
+    of a lane's loads are in flight at once. Tokens: blockIdx.y over tiles of B rows of x (the
+    dispatch makes that one tile).
+Knobs are in Config (per-arch defaults, per bucket) so a tuner can search them.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+from string import Template
+
+from tvm.s_tir.dlight.base import ScheduleRule
+
+ATTR = "nibble.int4"  # = compiler.int4_kernel.ATTR (not imported: schedules must not need compiler/)
+KERNEL_ATTR = "nibble.kernel"  # "gemv" | "gemm", set by compiler/dispatch.py on its copies
+ROWS_ATTR = "nibble.rows"  # the token bucket B a "gemv" copy serves (m <= B)
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    """One GEMV variant. Defaults per arch in DEFAULTS; `rows_per_thread`/`chunks` are per bucket."""
+
+    warps: int = 4  # warps per thread block (threadIdx.y); each warp owns rows_per_thread rows of W
+    rows_per_thread: int = 2  # TS: rows of W per lane; each x value is decoded once for all TS rows
+    chunks: int = 4  # U: 16-byte chunks of each row a lane loads per iteration (loads in flight)
+
+    def for_rows(self, b: int) -> "Config":
+        # registers: ~ TS*B accumulators + 8*B prescaled x; past B=8 one row of W per lane fits best
+        return dataclasses.replace(self, rows_per_thread=1 if b >= 8 else self.rows_per_thread)
+
+
+DEFAULTS = {"sm_90": Config(), "sm_80": Config(), "default": Config()}
+BUCKETS = (1, 2, 4, 8, 16)  # token buckets the dispatch pass makes GEMV copies for (m <= 16)
+
+
+def config_for(target) -> Config:
+    arch = str(target.attrs.get("arch", "")) if target is not None else ""
+    return DEFAULTS.get(arch, DEFAULTS["default"])
+
+
+# The kernel, as TVMScript. $-fields are filled per shape and config; `T` is tvm.script.tirx.
+_KERNEL = Template('''
+@T.prim_func
+def gemv(x_h: T.handle, qweight: T.Buffer((T.int64($N), T.int64($KW)), "uint32"),
+         scales: T.Buffer((T.int64($N), T.int64($NG)), "float16"),$EXTRA y_h: T.handle):
+    T.func_attr({"tirx.noalias": True})
+    m = T.int64()
+    x = T.match_buffer(x_h, (m, T.int64($K)), "$XD")
+    y = T.match_buffer(y_h, (m, T.int64($N)), "$XD")
+    for by in T.thread_binding((m + T.int64($B - 1)) // T.int64($B), thread="blockIdx.y"):
+        for bx in T.thread_binding($NBLK, thread="blockIdx.x"):
+            for ty in T.thread_binding($WARPS, thread="threadIdx.y"):
+                for tx in T.thread_binding(32, thread="threadIdx.x"):
+                    acc = T.alloc_buffer(($TS, $B), "float32", scope="local")
+                    part = T.alloc_buffer(($TS, $B), "float32", scope="local")
+                    wv = T.alloc_buffer(($TS, $U, 4), "uint32", scope="local")
+                    xv = T.alloc_buffer(($B, 8), "$XD", scope="local")
+                    xp = T.alloc_buffer(($B, 8), "float32", scope="local")
+                    sc = T.alloc_buffer(($TS,), "float32", scope="local")
+                    zc = T.alloc_buffer(($TS, 4), "float32", scope="local")
+                    for t, i in T.grid($TS, $B):
+                        acc[t, i] = T.float32(0)
+                    for it in T.serial($ITERS):
+                        # all of this lane's weight loads first: TS*U independent 16-byte loads
+                        for t, u in T.grid($TS, $U):
+                            if (it * $U + u) * 32 + tx < $C:
+                                for v in T.vectorized(4):
+                                    wv[t, u, v] = qweight[bx * $RB + ty * $TS + t,
+                                                          ((it * $U + u) * 32 + tx) * 4 + v]
+                        for u in T.unroll($U):
+                            c = T.meta_var((it * $U + u) * 32 + tx)  # this lane's chunk of 32 k
+                            if c < $C:
+                                for t in T.unroll($TS):
+                                    sc[t] = T.Cast("float32", scales[bx * $RB + ty * $TS + t, c * 32 // $G])
+                                    for p in T.unroll(4):
+                                        zc[t, p] = $ZERO
+                                    for i in T.unroll($B):
+                                        part[t, i] = T.float32(0)
+                                for w in T.unroll(4):
+                                    for i in T.unroll($B):
+                                        for v in T.vectorized(8):
+                                            xv[i, v] = x[T.min(by * $B + i, m - T.int64(1)), c * 32 + w * 8 + v]
+                                        for j in T.unroll(8):
+                                            xp[i, j] = T.Cast("float32", xv[i, j]) * (T.float32(1.0) / T.Cast("float32", T.shift_left(1, 4 * (j % 4))))
+                                    for t in T.unroll($TS):
+                                        for j in T.unroll(8):
+                                            # (q - z) * 2^(4*(j%4)), exact: see the module docstring
+                                            wf = T.meta_var(T.reinterpret("float32",
+                                                (T.shift_right(wv[t, u, w], T.Cast("uint32", 16 * (j // 4))) & T.shift_left(T.uint32(15), T.Cast("uint32", 4 * (j % 4))))
+                                                | T.uint32(0x4B000000)) - zc[t, j % 4])
+                                            for i in T.unroll($B):
+                                                part[t, i] = part[t, i] + xp[i, j] * wf
+                                for t, i in T.grid($TS, $B):
+                                    acc[t, i] = acc[t, i] + part[t, i] * sc[t]
+                    # the 32 lanes of a warp hold partial sums of the same rows: butterfly them down
+                    for t, i in T.grid($TS, $B):
+                        for s in T.unroll(5):
+                            acc[t, i] = acc[t, i] + T.tvm_warp_shuffle_down(
+                                T.uint32(0xFFFFFFFF), acc[t, i], 16 >> s, 32, 32)
+                    if tx == 0:
+                        for t, i in T.grid($TS, $B):
+                            if by * $B + i < m:
+                                y[by * $B + i, bx * $RB + ty * $TS + t] = $OUT
+''')
+
+
+def gemv_func(attrs: dict, rows: int, cfg: Config):
+    """The GEMV PrimFunc for one int4 kernel spec (the "nibble.int4" attr) and token bucket, or None."""
+    from tvm.script import tirx as T  # noqa: F401  (the template's T)
+    import tvm
+
+    n, k, g = int(attrs["n"]), int(attrs["k"]), int(attrs["group_size"])
+    sym, bias, xd = bool(attrs["symmetric"]), bool(attrs["has_bias"]), str(attrs["x_dtype"])
+    cfg = cfg.for_rows(rows)
+    ts, warps = cfg.rows_per_thread, cfg.warps
+    # shapes this kernel handles: whole 32-weight chunks inside one group, whole thread blocks
+    while warps > 1 and n % (warps * ts):
+        warps //= 2
+    if k % 32 or g % 32 or k % g or n % (warps * ts) or xd not in ("float16", "float32"):
+        return None
+    chunks_per_row = k // 32
+    u = max(1, min(cfg.chunks, math.ceil(chunks_per_row / 32)))
+    # zc[t, p] = 2^23 + z * 2^(4p): what the magic-number decode subtracts (see the docstring)
+    z = ("T.float32(8.0)" if sym else
+         f'T.Cast("float32", zeros[bx * {warps * ts} + ty * {ts} + t, c * 32 // {g}])')
+    zero = f'T.float32(8388608.0) + {z} * T.Cast("float32", T.shift_left(1, 4 * p))'
+    extra = ""
+    if not sym:
+        extra += f' zeros: T.Buffer((T.int64({n}), T.int64({k // g})), "float16"),'
+    if bias:
+        extra += f' bias: T.Buffer((T.int64({n}),), "{xd}"),'
+    out = "acc[t, i]"
+    if bias:
+        out = f'acc[t, i] + T.Cast("float32", bias[bx * {warps * ts} + ty * {ts} + t])'
+    out = f'T.Cast("{xd}", T.Cast("float16", {out}))'
+    src = _KERNEL.substitute(
+        N=n, K=k, KW=k // 8, NG=k // g, G=g, C=chunks_per_row, B=rows, XD=xd, EXTRA=extra, ZERO=zero,
+        OUT=out, TS=ts, U=u, WARPS=warps, RB=warps * ts, NBLK=n // (warps * ts),
+        ITERS=math.ceil(chunks_per_row / (32 * u)))
+    func = tvm.script.from_source(src)
+    return func
+
+
+class GEMV(ScheduleRule):
+    """dlight-style rule: the "gemv"-tagged copies of our int4 kernel -> the batched GEMV above."""
+
+    def __init__(self, config: Config | None = None):
+        self.config = config
+
+    def apply(self, func, target, tunable):
+        import tvm
+
+        attrs = func.attrs
+        if attrs is None or ATTR not in attrs or KERNEL_ATTR not in attrs:
+            return None
+        if str(attrs[KERNEL_ATTR]) != "gemv" or target.kind.name != "cuda":
+            return None
+        kernel = gemv_func(attrs[ATTR], int(attrs[ROWS_ATTR]), self.config or config_for(target))
+        if kernel is None:
+            return None
+        # keep the original's attrs (global_symbol, nibble.*) on the replacement
+        kernel = kernel.with_attr({str(key): val for key, val in attrs.items()})
+        return tvm.s_tir.Schedule(kernel)
+
+    def is_target_available(self, target) -> bool:
+        return target.kind.name == "cuda"

@@ -1,0 +1,66 @@
+"""Small models built in code for the tests (no downloads)."""
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+
+def onnx_mlp(path, k=64, hidden=128, n=32, seed=0):
+    """x[batch, seq, k] -> MatMul+Add -> Relu -> MatMul(no bias) -> y, plus an activation x activation
+    MatMul (y @ y^T) that must stay fp: outputs y and gram."""
+    rng = np.random.default_rng(seed)
+    w1 = rng.standard_normal((k, hidden)).astype(np.float32) * 0.1
+    b1 = rng.standard_normal(hidden).astype(np.float32) * 0.1
+    w2 = rng.standard_normal((hidden, n)).astype(np.float32) * 0.1
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h0"], name="fc1"),
+        helper.make_node("Add", ["h0", "b1"], ["h1"], name="fc1_bias"),
+        helper.make_node("Relu", ["h1"], ["h2"], name="act"),
+        helper.make_node("MatMul", ["h2", "w2"], ["y"], name="fc2"),
+        helper.make_node("Transpose", ["y"], ["yt"], perm=[0, 2, 1], name="t"),
+        helper.make_node("MatMul", ["y", "yt"], ["gram"], name="gram"),
+    ]
+    graph = helper.make_graph(
+        nodes, "mlp",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", "seq", n]),
+         helper.make_tensor_value_info("gram", TensorProto.FLOAT, ["batch", "seq", "seq"])],
+        [numpy_helper.from_array(w1, "w1"), numpy_helper.from_array(b1, "b1"), numpy_helper.from_array(w2, "w2")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return {"w1": w1, "b1": b1, "w2": w2}
+
+
+def onnx_gemm(path, k=64, n1=48, n2=16, seed=1):
+    """x[batch, k] -> Gemm(transB=1, bias) -> Gemm(transB=0, no bias) -> y."""
+    rng = np.random.default_rng(seed)
+    wa = rng.standard_normal((n1, k)).astype(np.float32) * 0.1  # [N, K]: transB=1
+    ba = rng.standard_normal(n1).astype(np.float32) * 0.1
+    wb = rng.standard_normal((n1, n2)).astype(np.float32) * 0.1  # [K, N]: transB=0
+    nodes = [
+        helper.make_node("Gemm", ["x", "wa", "ba"], ["h"], transB=1, name="gemm_a"),
+        helper.make_node("Gemm", ["h", "wb"], ["y"], name="gemm_b"),
+    ]
+    graph = helper.make_graph(
+        nodes, "gemm", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", k])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["batch", n2])],
+        [numpy_helper.from_array(wa, "wa"), numpy_helper.from_array(ba, "ba"), numpy_helper.from_array(wb, "wb")],
+    )
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    return {"wa": wa, "ba": ba, "wb": wb}
+
+
+def onnx_no_linear(path):
+    """Relu(x) + x: nothing to quantize."""
+    nodes = [helper.make_node("Relu", ["x"], ["r"]), helper.make_node("Add", ["r", "x"], ["y"])]
+    graph = helper.make_graph(nodes, "nolin", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 8])])
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def onnx_unsupported_op(path):
+    nodes = [helper.make_node("Relu", ["x"], ["r"], name="relu0"),
+             helper.make_node("FancyOp", ["r"], ["y"], name="my_fancy_node", domain="com.example")]
+    graph = helper.make_graph(nodes, "bad", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 8])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    onnx.save(model, str(path))

@@ -1,0 +1,62 @@
+"""The same artifacts on a CUDA GPU (run on the H200 through the device tool; skipped without a GPU)."""
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import nibble
+from compiler.quantize import QuantConfig
+from tests import models
+from tests.conftest import gpu_arch, rel_err
+from tests.test_numerics import mlp_reference
+
+pytestmark = pytest.mark.gpu
+
+
+def test_tiny_gpt_on_cuda_seq_1_and_37(tiny_gpt, tiny_gpt_onnx, tmp_path):
+    from nibble.example import with_int4_weights
+
+    art = nibble.compile_model(tiny_gpt_onnx, target="cuda", output=tmp_path / "g.nibble", log=print)
+    assert nibble.load(art).manifest["target"]["arch"] == gpu_arch()
+    m = nibble.load(art, device="cuda")
+    ref_q = with_int4_weights(tiny_gpt)
+    for shape in ((1, 1), (2, 37)):  # one artifact, two sequence lengths
+        ids = torch.randint(0, 96, shape)
+        with torch.no_grad():
+            ref = ref_q(ids).numpy()
+        y_np = m(input_ids=ids.numpy())  # numpy in -> numpy out
+        y_t = m(input_ids=ids.cuda())  # torch in -> torch out, on the GPU, no copy
+        assert isinstance(y_np, np.ndarray) and y_t.is_cuda and tuple(y_t.shape) == shape + (96,)
+        np.testing.assert_array_equal(y_t.cpu().numpy(), y_np)
+        assert rel_err(y_np, ref) < 5e-3, rel_err(y_np, ref)
+
+
+@pytest.mark.parametrize("group,symmetric", [(128, True), (32, False)])
+def test_mlp_on_cuda_matches_reference(tmp_path, group, symmetric):
+    k, hidden = 64, 128
+    w = models.onnx_mlp(tmp_path / "mlp.onnx", k=k, hidden=hidden)
+    art = nibble.compile_model(tmp_path / "mlp.onnx", target="cuda", output=tmp_path / "m.nibble",
+                               group_size=group, symmetric=symmetric, log=print)
+    m = nibble.load(art)
+    rng = np.random.default_rng(0)
+    for shape in ((1, 1, k), (3, 37, k), (2, 300, k)):
+        x = rng.standard_normal(shape).astype(np.float32)
+        y, gram = m(x)
+        ref_y, _ = mlp_reference(x, w, art, QuantConfig(group, symmetric), k, hidden)
+        assert rel_err(y, ref_y) < 2e-3
+
+
+@pytest.mark.skipif(not os.environ.get("NIBBLE_PREBUILT"), reason="set NIBBLE_PREBUILT to a folder of "
+                    "artifacts built on the CPU-only machine")
+def test_artifact_built_without_gpu_runs_here():
+    """The deployment path: compiled where there is no GPU (nvcc cubins), run where there is one."""
+    art = Path(os.environ["NIBBLE_PREBUILT"]) / "tiny_gpt.nibble"
+    m = nibble.load(art)
+    ids = np.random.default_rng(0).integers(0, 512, (2, 37))
+    y = m(input_ids=ids)
+    assert y.shape == (2, 37, 512) and np.isfinite(y).all()
+    ref = np.load(Path(os.environ["NIBBLE_PREBUILT"]) / "ref_logits.npy")
+    ref_ids = np.load(Path(os.environ["NIBBLE_PREBUILT"]) / "ref_ids.npy")
+    assert rel_err(m(input_ids=ref_ids), ref) < 5e-3
