@@ -23,9 +23,11 @@ Why each is needed (what real exports contain):
   ShapeExpr or tensors. Fix: materialize the shape as an int64 tensor first (shape_to_tensor).
 - Unsqueeze of a rank-1 shape value (decode graphs with past key/values build [batch, heads, past +
   seq, dim] this way): a ShapeExpr is not a tensor, so unsqueezing it to [1, n] goes via a tensor.
-- Reshape with -1 of a tensor whose shape is unknown (only its rank): relax.reshape needs the input
-  shape to infer -1. Fix: compute the target at run time from the input's runtime shape
-  (0 -> copy, -1 -> numel / product of the others) and reshape to that shape tensor.
+- Reshape to a shape computed at run time (an int64 tensor, TorchScript exports), or with -1 / 0 of
+  a tensor whose shape is unknown (only its rank): relax.reshape takes neither. Fix: compute the
+  target at run time from the input's runtime shape (0 -> copy, -1 -> numel / product of the
+  others) and reshape to that shape tensor (tensor_to_shape), then match_cast the result to fresh
+  symbolic dims so its shape stays a ShapeExpr.
 """
 from __future__ import annotations
 
@@ -74,9 +76,9 @@ class Range(_tvm.Range):
         start, limit, delta = (_tvm.get_constant(i, params) for i in inputs[:3])
         s, d = _const_int(start), _const_int(delta)
         if s is not None and d is not None and d > 0 and tvm.ir.is_prim_expr(limit) \
-                and str(limit.dtype) in _INT and not isinstance(limit, tirx.IntImm):
+                and str(limit.ty) in _INT and not isinstance(limit, tirx.IntImm):
             dtype = str(start.ty.dtype)
-            lim = limit if str(limit.dtype) == "int64" else tirx.Cast("int64", limit)
+            lim = limit if str(limit.ty) == "int64" else tirx.Cast("int64", limit)
             out = relax.op.arange(relax.prim_value(tirx.const(s, "int64")), relax.prim_value(lim),
                                   relax.prim_value(tirx.const(d, "int64")), "int64")
             return out if dtype == "int64" else relax.op.astype(out, dtype)
@@ -163,11 +165,24 @@ class Squeeze(_tvm.Squeeze):
 
 
 class Concat(_tvm.Concat):
-    """Concat mixing R.Shape values of unknown dims with tensors concatenates int64 tensors."""
+    """Concat mixing shape values (ShapeExpr or R.Shape) with int64 tensors concatenates tensors.
+
+    TVM keeps an all-shape-like Concat (ShapeExprs and 1-D int64 constants) as a ShapeExpr, which
+    stays; any other mix reached relax.concat with ShapeExpr fields, which it rejects.
+    """
 
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
-        if any(_is_shape_value(i) for i in inputs):
+        def shape_like(x):
+            if isinstance(x, relax.ShapeExpr):
+                return True
+            if isinstance(x, relax.Var) and x.name in params[1]:
+                x = _tvm.get_constant(x, params)
+            return (isinstance(x, tvm.ir.GenericConst) and x.ty.ndim == 1
+                    and str(x.ty.dtype) == "int64")
+
+        mixed = any(isinstance(i, relax.ShapeExpr) for i in inputs) and not all(shape_like(i) for i in inputs)
+        if mixed or any(_is_shape_value(i) for i in inputs):
             inputs = _tvm.onnx_input([_as_tensor(bb, i) for i in inputs])
         return super()._impl_v13(bb, inputs, attr, params)
 
@@ -178,8 +193,10 @@ class Reshape(_tvm.Reshape):
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
         data, new_shape = inputs[0], _tvm.get_constant(inputs[1], params)
-        if not isinstance(data, relax.Expr) or isinstance(data, (relax.ShapeExpr, tvm.ir.GenericConst)) \
-                or _shape_known(data) or _is_shape_value(data) or attr.get("allowzero", 0):
+        plain = (isinstance(data, relax.Expr) and isinstance(getattr(data, "ty", None), relax.TensorType)
+                 and not isinstance(data, tvm.ir.GenericConst) and data.ty.ndim >= 0)
+        static_target = isinstance(new_shape, (tvm.ir.GenericConst, relax.ShapeExpr))
+        if not plain or attr.get("allowzero", 0) or (static_target and _shape_known(data)):
             return super()._impl_v13(bb, inputs, attr, params)
         if isinstance(new_shape, relax.ShapeExpr):
             if not any(_const_int(v) in (0, -1) for v in new_shape.values):
@@ -189,6 +206,7 @@ class Reshape(_tvm.Reshape):
             target = [int(v) for v in new_shape.value.numpy().reshape(-1)]
             if 0 not in target and -1 not in target:
                 return relax.op.reshape(data, target)
+        new_shape = _as_tensor(bb, new_shape)
         rank = _tvm._get_known_tensor_length(new_shape)
         if rank is None:
             return super()._impl_v13(bb, inputs, attr, params)
@@ -208,7 +226,11 @@ class Reshape(_tvm.Reshape):
         numel = relax.op.prod(in_shape, keepdims=True)
         fill = bb.normalize(relax.op.floor_divide(numel, relax.op.prod(known, keepdims=True)))
         dims = bb.normalize(relax.op.where(relax.op.equal(dims, neg), fill, dims))
-        return relax.op.reshape(data, bb.normalize(relax.op.tensor_to_shape(dims)))
+        out = bb.emit(relax.op.reshape(data, bb.normalize(relax.op.tensor_to_shape(dims))))
+        # give the result a ShapeExpr of fresh symbolic dims, so later ops (and nibble's int4 pass,
+        # which reshapes activations to [M, K]) see per-dim values rather than an opaque shape var
+        dims_vars = [tirx.Var(f"reshape_dim{i}", "int64") for i in range(rank)]
+        return bb.match_cast(out, relax.TensorType(dims_vars, str(data.ty.dtype)))
 
 
 OVERRIDES = {c.__name__: c for c in (Range, ConstantOfShape, Expand, Slice, Gather, Unsqueeze, Squeeze,

@@ -48,10 +48,27 @@ def from_pt2_file(path: Path, shapes=None) -> Imported:
 
 
 def from_exported_program(ep, source: str) -> Imported:
+    """ExportedProgram -> Relax: decompose (views made reshapes, frontends/torch_fixes.py), check every
+    op has a converter (else NibbleError naming op and node), convert with our extra converters. When
+    torch's decomposition itself fails, the program is converted as exported (no decomposition)."""
     from tvm.relax.frontend.torch import from_exported_program as tvm_from_ep
 
+    from . import torch_fixes
+
     try:
-        mod = tvm_from_ep(ep, keep_params_as_input=True, unwrap_unit_return_tuple=False)
+        prog, decomposed = torch_fixes.decompose(ep), True
+    except Exception:
+        prog, decomposed = ep, False
+    missing = torch_fixes.unsupported_ops(prog)
+    if missing:
+        op, node = missing[0]
+        more = f" (and {len(missing) - 1} more: {sorted({m[0] for m in missing[1:]})})" if len(missing) > 1 else ""
+        raise NibbleError(f"{source}: op {op} at node {node!r} is not supported by the torch importer"
+                          f"{'' if decomposed else ' (torch decomposition failed, converted as exported)'}"
+                          f"{more}")
+    try:
+        mod = tvm_from_ep(prog, keep_params_as_input=True, unwrap_unit_return_tuple=False,
+                          custom_convert_map=torch_fixes.CONVERTERS, run_ep_decomposition=False)
     except Exception as e:
         msg = str(e).strip().splitlines()
         raise NibbleError(f"{source}: TVM's torch importer failed: {msg[-1] if msg else type(e).__name__}") from None

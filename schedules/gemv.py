@@ -14,11 +14,12 @@ equivalent kernel with a cheaper decode (same inputs, same fp32 accumulation):
 
   * 128-bit loads: each lane reads one uint4 = 4 words = 32 weights of a row per chunk; a warp reads
     32 consecutive chunks (512 B contiguous); U chunks x TS rows per lane are issued before any math.
-  * decode with a float "magic number": for nibble j of word w, with p = 4 * (j % 4),
-        as_float(0x4B000000 | (w' & (0xF << p))) - (2^23 + z * 2^p)  ==  (q - z) * 2^p   exactly
-    (w' = w for j < 4, w >> 16 else). One LOP3 + one FADD per weight; the 2^p is undone by folding
-    2^-p into x once per (row of x, k) and shared by the TS weight rows of the thread (exact: powers
-    of two). Then one FFMA per weight per token.
+  * decode with a float "magic number": for nibble j of word w, with p = 4 * (j % 4) and
+    w' = (w & 0xFFFF) | 0x4B000000 for j < 4, (w >> 16) | 0x4B000000 else (once per word),
+        as_float(w' & (0x4B000000 | 0xF << p)) - (2^23 + z * 2^p)  ==  (q - z) * 2^p   exactly:
+    one LOP3 + one FADD per weight, no int->float convert. The 2^p is undone by keeping one partial
+    sum per nibble position p and scaling it by 2^-p once per chunk (exact: powers of two). Then one
+    FFMA per weight per token.
   * the group scale is applied once per 32-weight chunk: sum_k x*(q-z) in fp32, times s. Real-number
     equal to the PrimFunc (which rounds each (q-z)*s to fp16 first); it is closer to the fp32
     reference (compiler.quantize.dequantize), not further.
@@ -45,13 +46,13 @@ ROWS_ATTR = "nibble.rows"  # the token bucket B a "gemv" copy serves (m <= B)
 class Config:
     """One GEMV variant. Defaults per arch in DEFAULTS; `rows_per_thread`/`chunks` are per bucket."""
 
-    warps: int = 4  # warps per thread block (threadIdx.y); each warp owns rows_per_thread rows of W
-    rows_per_thread: int = 2  # TS: rows of W per lane; each x value is decoded once for all TS rows
+    warps: int = 4  # warps per thread block (threadIdx.y); each warp owns ts rows of W
+    rows_per_thread: int = 2  # TS for token buckets B < 8: each x value is converted once for TS rows
+    rows_per_thread_large: int = 1  # TS for B >= 8 (registers: ~5*TS*B accumulators + 8*B x values)
     chunks: int = 4  # U: 16-byte chunks of each row a lane loads per iteration (loads in flight)
 
-    def for_rows(self, b: int) -> "Config":
-        # registers: ~ TS*B accumulators + 8*B prescaled x; past B=8 one row of W per lane fits best
-        return dataclasses.replace(self, rows_per_thread=1 if b >= 8 else self.rows_per_thread)
+    def ts(self, b: int) -> int:
+        return self.rows_per_thread if b < 8 else self.rows_per_thread_large
 
 
 DEFAULTS = {"sm_90": Config(), "sm_80": Config(), "default": Config()}
@@ -77,8 +78,9 @@ def gemv(x_h: T.handle, qweight: T.Buffer((T.int64($N), T.int64($KW)), "uint32")
             for ty in T.thread_binding($WARPS, thread="threadIdx.y"):
                 for tx in T.thread_binding(32, thread="threadIdx.x"):
                     acc = T.alloc_buffer(($TS, $B), "float32", scope="local")
-                    part = T.alloc_buffer(($TS, $B), "float32", scope="local")
+                    part = T.alloc_buffer(($TS, 4, $B), "float32", scope="local")
                     wv = T.alloc_buffer(($TS, $U, 4), "uint32", scope="local")
+                    wm = T.alloc_buffer((2,), "uint32", scope="local")
                     xv = T.alloc_buffer(($B, 8), "$XD", scope="local")
                     xp = T.alloc_buffer(($B, 8), "float32", scope="local")
                     sc = T.alloc_buffer(($TS,), "float32", scope="local")
@@ -99,24 +101,30 @@ def gemv(x_h: T.handle, qweight: T.Buffer((T.int64($N), T.int64($KW)), "uint32")
                                     sc[t] = T.Cast("float32", scales[bx * $RB + ty * $TS + t, c * 32 // $G])
                                     for p in T.unroll(4):
                                         zc[t, p] = $ZERO
-                                    for i in T.unroll($B):
-                                        part[t, i] = T.float32(0)
+                                    for p, i in T.grid(4, $B):
+                                        part[t, p, i] = T.float32(0)
                                 for w in T.unroll(4):
                                     for i in T.unroll($B):
                                         for v in T.vectorized(8):
                                             xv[i, v] = x[T.min(by * $B + i, m - T.int64(1)), c * 32 + w * 8 + v]
                                         for j in T.unroll(8):
-                                            xp[i, j] = T.Cast("float32", xv[i, j]) * (T.float32(1.0) / T.Cast("float32", T.shift_left(1, 4 * (j % 4))))
+                                            xp[i, j] = T.Cast("float32", xv[i, j])
                                     for t in T.unroll($TS):
+                                        # the low / high 4 nibbles of the word under the float exponent
+                                        wm[0] = (wv[t, u, w] & T.uint32(0xFFFF)) | T.uint32(0x4B000000)
+                                        wm[1] = T.shift_right(wv[t, u, w], T.uint32(16)) | T.uint32(0x4B000000)
                                         for j in T.unroll(8):
                                             # (q - z) * 2^(4*(j%4)), exact: see the module docstring
-                                            wf = T.meta_var(T.reinterpret("float32",
-                                                (T.shift_right(wv[t, u, w], T.Cast("uint32", 16 * (j // 4))) & T.shift_left(T.uint32(15), T.Cast("uint32", 4 * (j % 4))))
-                                                | T.uint32(0x4B000000)) - zc[t, j % 4])
+                                            wf = T.meta_var(T.reinterpret("float32", wm[j // 4] & (
+                                                T.shift_left(T.uint32(15), T.Cast("uint32", 4 * (j % 4))) | T.uint32(0x4B000000)))
+                                                - zc[t, j % 4])
                                             for i in T.unroll($B):
-                                                part[t, i] = part[t, i] + xp[i, j] * wf
+                                                part[t, j % 4, i] = part[t, j % 4, i] + xp[i, j] * wf
                                 for t, i in T.grid($TS, $B):
-                                    acc[t, i] = acc[t, i] + part[t, i] * sc[t]
+                                    # undo the 2^(4p) of each nibble position, then the group scale
+                                    acc[t, i] = acc[t, i] + (part[t, 0, i] + part[t, 1, i] * T.float32(1.0 / 16)
+                                                             + part[t, 2, i] * T.float32(1.0 / 256)
+                                                             + part[t, 3, i] * T.float32(1.0 / 4096)) * sc[t]
                     # the 32 lanes of a warp hold partial sums of the same rows: butterfly them down
                     for t, i in T.grid($TS, $B):
                         for s in T.unroll(5):
@@ -136,8 +144,7 @@ def gemv_func(attrs: dict, rows: int, cfg: Config):
 
     n, k, g = int(attrs["n"]), int(attrs["k"]), int(attrs["group_size"])
     sym, bias, xd = bool(attrs["symmetric"]), bool(attrs["has_bias"]), str(attrs["x_dtype"])
-    cfg = cfg.for_rows(rows)
-    ts, warps = cfg.rows_per_thread, cfg.warps
+    ts, warps = cfg.ts(rows), cfg.warps
     # shapes this kernel handles: whole 32-weight chunks inside one group, whole thread blocks
     while warps > 1 and n % (warps * ts):
         warps //= 2

@@ -202,3 +202,45 @@ def test_failed_write_leaves_nothing(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="disk full"):
         nibble.compile_model(tmp_path / "m.onnx", target="llvm", output=tmp_path / "m.nibble", log=lambda s: None)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx"]
+
+
+def test_pt2_file_and_pinned_shape(tiny_gpt, tmp_path, capsys):
+    import torch
+
+    import nibble
+
+    ids = torch.zeros(2, 8, dtype=torch.int64)
+    ep = torch.export.export(tiny_gpt, (ids,), dynamic_shapes={"input_ids": {0: torch.export.Dim.AUTO,
+                                                                             1: torch.export.Dim.AUTO}})
+    torch.export.save(ep, str(tmp_path / "g.pt2"))
+    code, out, err = run_cli(capsys, "compile", tmp_path / "g.pt2", "--target", "llvm", "-o", tmp_path / "g.nibble")
+    assert code == 0, err
+    assert "5 of 5 linear layers quantized" in out
+    m = nibble.load(tmp_path / "g.nibble")
+    assert m(input_ids=np.zeros((3, 5), np.int64)).shape == (3, 5, 96)
+
+
+def test_shape_pins_a_dim(tmp_path, capsys):
+    import nibble
+
+    models.onnx_mlp(tmp_path / "m.onnx")
+    code, _, err = run_cli(capsys, "compile", tmp_path / "m.onnx", "--target", "llvm", "--shape", "x=1x?x64",
+                           "-o", tmp_path / "m.nibble")
+    assert code == 0, err
+    m = nibble.load(tmp_path / "m.nibble")
+    assert m.inputs[0]["shape"] == [1, "seq", 64]
+    assert m(x=np.ones((1, 7, 64), np.float32))[0].shape == (1, 7, 32)
+    with pytest.raises(nibble.NibbleError, match="dim 0 is pinned to 1, got 2"):
+        m(x=np.ones((2, 7, 64), np.float32))
+
+
+def test_runtime_needs_no_frontends(mlp_artifact):
+    """Loading and running an artifact imports neither the frontends nor onnx nor the compiler.
+    (torch may be there: tvm-ffi imports it when installed, for DLPack.)"""
+    code = (f"import sys, numpy as np, nibble; m = nibble.load({str(mlp_artifact)!r}); "
+            "m(np.ones((1, 2, 64), np.float32)); "
+            "bad = [k for k in ('frontends', 'onnx', 'compiler.build', 'compiler.int4_pass') if k in sys.modules]; "
+            "print(bad); sys.exit(1 if bad else 0)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                       cwd=os.path.dirname(os.path.dirname(__file__)))
+    assert r.returncode == 0, r.stdout + r.stderr

@@ -60,3 +60,43 @@ def test_artifact_built_without_gpu_runs_here():
     ref = np.load(Path(os.environ["NIBBLE_PREBUILT"]) / "ref_logits.npy")
     ref_ids = np.load(Path(os.environ["NIBBLE_PREBUILT"]) / "ref_ids.npy")
     assert rel_err(m(input_ids=ref_ids), ref) < 5e-3
+
+
+def test_wrong_arch_is_refused(tmp_path):
+    import json
+    import shutil
+
+    models.onnx_gemm(tmp_path / "g.onnx")
+    art = nibble.compile_model(tmp_path / "g.onnx", target="cuda", output=tmp_path / "g.nibble", log=print)
+    other = tmp_path / "other.nibble"
+    shutil.copytree(art, other)
+    meta = json.loads((other / "manifest.json").read_text())
+    meta["target"]["arch"] = "sm_80"
+    (other / "manifest.json").write_text(json.dumps(meta))
+    with pytest.raises(nibble.NibbleError, match=f"holds machine code for sm_80, this GPU .* is {gpu_arch()}"):
+        nibble.load(other)
+
+
+def test_cubin_is_real_machine_code_per_cuobjdump(tmp_path):
+    """An independent check of compiler.cuda.cubin_archs: cuobjdump reads the embedded cubin's SASS."""
+    import shutil
+    import struct
+    import subprocess
+
+    if shutil.which("cuobjdump") is None:
+        pytest.skip("no cuobjdump")
+    models.onnx_gemm(tmp_path / "g.onnx")
+    art = nibble.compile_model(tmp_path / "g.onnx", target="cuda", output=tmp_path / "g.nibble", log=print)
+    blob = (art / "lib.so").read_bytes()
+    pos = blob.find(b"\x7fELF", 1)
+    while pos != -1 and struct.unpack_from("<H", blob, pos + 18)[0] != 190:
+        pos = blob.find(b"\x7fELF", pos + 4)
+    assert pos != -1
+    # the ELF's size: section headers end at e_shoff + e_shnum * e_shentsize
+    shoff, = struct.unpack_from("<Q", blob, pos + 40)
+    shentsize, shnum = struct.unpack_from("<HH", blob, pos + 58)
+    (tmp_path / "k.cubin").write_bytes(blob[pos:pos + shoff + shentsize * shnum])
+    r = subprocess.run(["cuobjdump", "--dump-sass", str(tmp_path / "k.cubin")], capture_output=True, text=True)
+    assert r.returncode == 0, r.stderr
+    assert "arch = sm_90" in r.stdout or gpu_arch() != "sm_90"
+    assert "Function : int4_matmul" in r.stdout
