@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,6 +21,7 @@ class BuildOptions:
     skip: tuple[str, ...] = ()
     min_size: int = 0
     shapes: dict | None = None
+    tuning: str | bool | None = None  # a tuning log path; None: tuning_logs/<arch>.jsonl if present; False: none
 
 
 def relax_pipeline(target):
@@ -53,19 +53,33 @@ def relax_pipeline(target):
     return _pipeline
 
 
-def build_module(mod, spec: dict):
-    """Relax module -> TVM VM executable, for the resolved target spec."""
+def prepare(mod, spec: dict, tuning=None, log=print):
+    """The target-specific rewrites before the build: token-count dispatch (CUDA), tuned configs.
+    Returns (mod, {task key: applied record or None}) covering every tunable kernel."""
+    from .tuning import apply_records, extract_tasks
+
+    if spec["kind"] == "cuda":
+        from .dispatch import dispatch_small_m
+
+        mod = dispatch_small_m(mod)  # int4 kernels: GEMV copies for small m, GEMM otherwise
+    mod, applied = apply_records(mod, spec, tuning, log)
+    return mod, {t.key: applied.get(t.key) for t in extract_tasks(mod, spec)}
+
+
+def build_module(mod, spec: dict, tuning=None, log=print, kernels: dict | None = None):
+    """Relax module -> TVM VM executable for the resolved target spec. `tuning`: a TuningLog whose
+    best records configure our schedules; `kernels` (a dict) receives prepare()'s per-kernel report."""
     import tvm
 
     target = tvm_target(spec)
+    mod, report = prepare(mod, spec, tuning, log)
+    if kernels is not None:
+        kernels.update(report)
     if spec["kind"] == "cuda":
         from .cuda import ensure_cuda_runtime, register_nvcc_callback
 
         ensure_cuda_runtime()
         register_nvcc_callback(spec["arch"])
-        from .dispatch import dispatch_small_m
-
-        mod = dispatch_small_m(mod)  # int4 kernels: GEMV copies for small m, GEMM otherwise
         return tvm.compile(mod, target=target, relax_pipeline=relax_pipeline(target))
     from tvm.s_tir import dlight as dl
 
@@ -74,6 +88,21 @@ def build_module(mod, spec: dict):
     with target:
         mod = dl.ApplyDefaultSchedule(Int4MatmulCPU())(mod)
     return tvm.compile(mod, target=target)
+
+
+def tuning_log_for(opts: "BuildOptions", spec: dict, log=print):
+    """The TuningLog a compile uses: --tuning-log PATH, none with --no-tuning, else the default one."""
+    from .tuning import TuningLog
+
+    if opts.tuning is False:
+        return None
+    if opts.tuning:
+        path = Path(opts.tuning)
+        if not path.exists():
+            raise NibbleError(f"--tuning-log {path}: no such file")
+        return TuningLog(path, spec)
+    default = TuningLog.default(spec)
+    return default if default.path.exists() else None
 
 
 def compile_model(source, example_inputs=None, output: str | os.PathLike | None = None,
@@ -105,13 +134,20 @@ def compile_model(source, example_inputs=None, output: str | os.PathLike | None 
         report = PassReport()
         log("--no-quantize: linear layers kept as imported")
     t0 = time.perf_counter()
-    ex = build_module(mod, spec)
+    tuning, kernels = tuning_log_for(opts, spec, log), {}
+    ex = build_module(mod, spec, tuning, log, kernels)
+    tuned = sum(r is not None for r in kernels.values())
+    if kernels:
+        log(f"{tuned} of {len(kernels)} kernels tuned" + (f" (records from {tuning.path})" if tuning else
+                                                          " (no tuning log: template defaults)"))
     log(f"built for {spec['kind']}{' ' + spec['arch'] if 'arch' in spec else ''} in "
         f"{time.perf_counter() - t0:.1f} s")
     if output is None:
         stem = Path(source).stem if isinstance(source, (str, Path)) else type(source).__name__.lower()
         output = Path(f"{stem}.nibble")
     manifest = artifact.manifest(imp, mod, spec, opts, report, inputs)
+    manifest["kernels"] = {k: ({"tuned": True, "config": r["config"], "us": r["us"]} if r else {"tuned": False})
+                           for k, r in kernels.items()}
     path = artifact.write(Path(output), ex, params, manifest)
     log(f"wrote {path}")
     return path

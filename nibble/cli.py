@@ -22,6 +22,7 @@ EPILOG = """examples:
   nibble compile model.onnx --shape input_ids=1x?           pin batch to 1, keep seq dynamic
   nibble run model.nibble --input input_ids=ids.npy --save out.npz
   nibble inspect model.nibble
+  nibble tune model.onnx --target cuda --trials 200         then compile picks the records up
 """
 
 
@@ -45,10 +46,51 @@ def cmd_compile(a) -> int:
     from compiler.build import BuildOptions, compile_model
     from compiler.quantize import QuantConfig
 
-    opts = BuildOptions(target=a.target, arch=a.arch, quantize=not a.no_quantize,
+    compile_model(a.model, output=a.output, options=_options(a), log=lambda s: print(s, flush=True))
+    return 0
+
+
+def _options(a):
+    from compiler.build import BuildOptions
+    from compiler.quantize import QuantConfig
+
+    return BuildOptions(target=a.target, arch=a.arch, quantize=not a.no_quantize,
                         quant=QuantConfig(a.group_size, not a.asym), skip=tuple(a.skip),
-                        min_size=a.min_size, shapes=dict(_shape(s) for s in a.shape) or None)
-    compile_model(a.model, output=a.output, options=opts, log=lambda s: print(s, flush=True))
+                        min_size=a.min_size, shapes=dict(_shape(s) for s in a.shape) or None,
+                        tuning=False if getattr(a, "no_tuning", False) else getattr(a, "tuning_log", None))
+
+
+def cmd_tune(a) -> int:
+    """Import + quantize as compile does, then search every int4 kernel's schedule knobs on this machine."""
+    from compiler.build import prepare
+    from compiler.int4_pass import quantize_linears
+    from compiler.target import resolve
+    from compiler.tuning import TuningLog, extract_tasks, tune
+    from frontends import import_model
+
+    opts = _options(a)
+    spec = resolve(opts.target, opts.arch)
+    if spec["kind"] == "cuda":
+        from compiler.target import local_gpu_arch
+
+        here = local_gpu_arch()
+        if here != spec["arch"]:
+            raise NibbleError(f"tuning measures on the GPU: this machine has {here or 'no GPU'}, not {spec['arch']}")
+    imp = import_model(a.model, None, opts.shapes)
+    mod, _, report = quantize_linears(imp.mod, imp.params, opts.quant, opts.skip, opts.min_size)
+    print(report.summary(), flush=True)
+    mod, _ = prepare(mod, spec)
+    tasks = extract_tasks(mod, spec)
+    if not tasks:
+        print("nothing to tune (no int4 kernels)")
+        return 0
+    log = TuningLog(Path(a.log), spec) if a.log else TuningLog.default(spec)
+    print(f"{len(tasks)} tasks, {a.trials} trials, records -> {log.path}", flush=True)
+    best = tune(tasks, spec, log, a.trials, a.resume, out=lambda s: print(s, flush=True))
+    print("\nbest per task (us; template default in brackets):")
+    for key, b in best.items():
+        d = f"{b['default_us']:.2f}" if b.get("default_us") else "?"
+        print(f"  {key}: {b['us']:.2f} [{d}]  {b['config']}")
     return 0
 
 
@@ -118,6 +160,12 @@ def cmd_inspect(a) -> int:
         for l in layers:
             note = f"  ({l['note']})" if l["note"] else ""
             print(f"  {'int4' if l['quantized'] else 'kept'}  {l['name']}  [{l['n']} x {l['k']}]{note}")
+    kernels = meta.get("kernels", {})
+    if kernels:
+        tuned = [k for k, v in kernels.items() if v["tuned"]]
+        print(f"kernels: {len(tuned)} of {len(kernels)} tuned")
+        for k, v in kernels.items():
+            print(f"  {'tuned  ' + str(v['config']) if v['tuned'] else 'default'}  {k}")
     print(f"files: " + ", ".join(f"{k} {v['bytes'] / 1e6:.2f} MB" for k, v in meta["files"].items()))
     return 0
 
@@ -155,7 +203,27 @@ def parser() -> argparse.ArgumentParser:
                    help="quantize only weights with at least this many elements")
     c.add_argument("--shape", action="append", default=[], metavar="NAME=DIMS",
                    help="pin an input's dims, e.g. input_ids=1x128 or input_ids=1x? (? stays dynamic)")
+    c.add_argument("--tuning-log", metavar="PATH", help="tuning records to apply (default: "
+                   "tuning_logs/<arch>.jsonl when present)")
+    c.add_argument("--no-tuning", action="store_true", help="ignore tuning records: template defaults")
     c.set_defaults(func=cmd_compile)
+
+    t = sub.add_parser("tune", help="search the int4 kernels' schedule knobs on this machine's device",
+                       description="Quantize the model as compile would, then time schedule candidates for "
+                       "every int4 kernel (GEMV buckets, GEMM; the CPU kernel for llvm), guided by an "
+                       "XGBoost cost model. Records append to tuning_logs/<arch>.jsonl; every later "
+                       "compile for that arch uses the best.")
+    t.add_argument("model")
+    t.add_argument("--target", default="cuda")
+    t.add_argument("--arch")
+    t.add_argument("--trials", type=int, default=64, help="candidates to time in total (default 64)")
+    t.add_argument("--resume", action="store_true", help="count what the log already measured; run only new candidates")
+    t.add_argument("--log", metavar="PATH", help="the records file (default tuning_logs/<arch>.jsonl)")
+    for flag, kw in (("--group-size", dict(type=int, default=128)), ("--asym", dict(action="store_true")),
+                     ("--min-size", dict(type=int, default=0)), ("--skip", dict(action="append", default=[])),
+                     ("--shape", dict(action="append", default=[]))):
+        t.add_argument(flag, **kw, help="as for compile")
+    t.set_defaults(func=cmd_tune, no_quantize=False)
 
     r = sub.add_parser("run", help="run an artifact on .npy inputs; prints shapes and checksums")
     r.add_argument("artifact")

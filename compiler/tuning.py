@@ -1,0 +1,328 @@
+"""Tuning: search each int4 kernel's schedule knobs on the real device; keep the best in tuning_logs/.
+
+What is searched. Every schedule template in schedules/ names its knobs in a frozen `Config` dataclass
+and their candidate values in `SPACE` ({field: (values...)}); a rule reads a per-function override from
+the PrimFunc attr "nibble.config" (a dict of Config fields). A task is one kernel copy (a GEMV bucket, the
+GEMM, or the CPU kernel) at the token count it serves; its space is the product of SPACE's values.
+
+Why not meta-schedule's trace search: our decode GEMV is a template that emits a new PrimFunc (its
+dequantize trick cannot be reached with schedule primitives), so there is no trace for meta-schedule to
+replay or mutate; and meta-schedule's generic space for a 1x4096x4096 int4 GEMV measured 2636 us on the
+H200 (hundreds of times dlight). What we keep of its method: candidates are proposed by an XGBoost cost
+model fitted to the measurements so far (its features: the knob values), with some random picks, and
+every measured candidate is a real build timed on the device.
+
+Records: one JSON object per line in tuning_logs/<arch>.jsonl, appended under an exclusive file lock
+with a single write, so an interrupted tune loses at most the candidate in flight and two tunes on one
+log never interleave partial lines. Loading skips corrupt lines (with a warning) and records for another
+arch or an older template version (with a note).
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import importlib
+import itertools
+import json
+import math
+import os
+import random
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from .errors import NibbleError
+from .int4_kernel import ATTR
+
+CONFIG_ATTR = "nibble.config"  # PrimFunc attr: the Config fields a rule must use for this function
+KERNEL_ATTR, ROWS_ATTR = "nibble.kernel", "nibble.rows"  # set by compiler/dispatch.py
+TEMPLATES = {"gemv": "schedules.gemv", "gemm": "schedules.gemm", "cpu": "schedules.cpu"}
+DEFAULT_DIR = Path(os.environ.get("NIBBLE_TUNING_LOGS", Path(__file__).resolve().parents[1] / "tuning_logs"))
+PREFILL_M = 512  # token count the (single) GEMM copy is tuned at
+CPU_M = 16
+
+
+@dataclasses.dataclass
+class Task:
+    key: str  # stable name: "<kernel>:<kind>[:<rows>]"
+    func: object  # tirx.PrimFunc (symbolic m)
+    kind: str  # "gemv" | "gemm" | "cpu"
+    m: int  # token count measured at
+    calls: int = 1  # how often one model run calls it (its weight in the ETA and summary)
+
+    @property
+    def template(self):
+        return importlib.import_module(TEMPLATES[self.kind])
+
+    def space(self) -> list[dict]:
+        space = getattr(self.template, "SPACE", {})
+        names = list(space)
+        return [dict(zip(names, vals)) for vals in itertools.product(*(space[n] for n in names))]
+
+    def default(self) -> dict:
+        return {f.name: getattr(self.template.Config(), f.name) for f in dataclasses.fields(self.template.Config)}
+
+
+def _kind(func, spec) -> str | None:
+    if spec["kind"] == "llvm":
+        return "cpu"
+    return str(func.attrs[KERNEL_ATTR]) if KERNEL_ATTR in func.attrs else None
+
+
+def extract_tasks(mod, spec: dict) -> list[Task]:
+    """The tunable kernels of a module after the int4 pass (and, for CUDA, the dispatch pass)."""
+    from tvm import relax, tirx
+
+    calls: dict[str, int] = {}
+
+    def count(e):
+        if isinstance(e, relax.Call) and hasattr(e.op, "name_hint"):
+            calls[e.op.name_hint] = calls.get(e.op.name_hint, 0) + 1
+        if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir":
+            calls[e.args[0].name_hint] = calls.get(e.args[0].name_hint, 0) + 1
+
+    relax.analysis.post_order_visit(mod["main"].body, count)
+    tasks = []
+    for gv, func in mod.functions_items():
+        if not (isinstance(func, tirx.PrimFunc) and func.attrs is not None and ATTR in func.attrs):
+            continue
+        kind = _kind(func, spec)
+        if kind not in TEMPLATES:
+            continue
+        base = gv.name_hint.split("_gemv")[0].removesuffix("_gemm")
+        n = calls.get(base + "_dispatch", calls.get(gv.name_hint, 1))
+        if kind == "gemv":
+            rows = int(func.attrs[ROWS_ATTR])
+            tasks.append(Task(f"{base}:gemv:{rows}", func, kind, rows, n))
+        elif kind == "gemm":
+            tasks.append(Task(f"{base}:gemm", func, kind, PREFILL_M, n))
+        else:
+            tasks.append(Task(f"{base}:cpu", func, kind, CPU_M, n))
+    return sorted(tasks, key=lambda t: t.key)
+
+
+# -- records -----------------------------------------------------------------------------------------
+
+def _arch(spec: dict) -> str:
+    return spec.get("arch") or spec.get("mcpu") or spec["kind"]
+
+
+class TuningLog:
+    """Append-only JSONL records of measured candidates for one arch."""
+
+    def __init__(self, path: Path, spec: dict):
+        self.path, self.arch = Path(path), _arch(spec)
+
+    @classmethod
+    def default(cls, spec: dict) -> "TuningLog":
+        return cls(DEFAULT_DIR / f"{_arch(spec)}.jsonl", spec)
+
+    def append(self, record: dict) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        line = (json.dumps(record, sort_keys=True) + "\n").encode()
+        fd = os.open(self.path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)  # one writer at a time, whole lines only
+            os.write(fd, line)
+            os.fsync(fd)
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            os.close(fd)
+
+    def records(self, versions: dict[str, int] | None = None, log=print) -> list[dict]:
+        """Valid records for this arch (and current template versions), in file order."""
+        if not self.path.exists():
+            return []
+        out, other = [], {}
+        for i, line in enumerate(self.path.read_text().splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                r = json.loads(line)
+                r["key"], r["config"], r["us"], r["arch"]  # noqa: B018  (the fields we rely on)
+            except (json.JSONDecodeError, KeyError, TypeError):
+                warnings.warn(f"{self.path}:{i}: corrupt tuning record skipped")
+                continue
+            if r["arch"] != self.arch:
+                other[r["arch"]] = other.get(r["arch"], 0) + 1
+                continue
+            if versions and r.get("version") != versions.get(r.get("kind")):
+                other[f"{r.get('kind')} template v{r.get('version')}"] = other.get(f"{r.get('kind')} template v{r.get('version')}", 0) + 1
+                continue
+            out.append(r)
+        for what, n in other.items():
+            log(f"note: {self.path.name}: ignored {n} record(s) for {what} (building for {self.arch})")
+        return out
+
+    def best(self, log=print) -> dict[str, dict]:
+        """key -> the fastest valid record."""
+        best: dict[str, dict] = {}
+        for r in self.records(template_versions(), log):
+            if math.isfinite(r["us"]) and (r["key"] not in best or r["us"] < best[r["key"]]["us"]):
+                best[r["key"]] = r
+        return best
+
+
+def template_versions() -> dict[str, int]:
+    out = {}
+    for kind, modname in TEMPLATES.items():
+        try:
+            out[kind] = getattr(importlib.import_module(modname), "VERSION", 1)
+        except ImportError:
+            pass
+    return out
+
+
+def apply_records(mod, spec: dict, log_: TuningLog | None, log=print):
+    """Annotate every task's PrimFunc with its best recorded Config; returns (mod, {key: record})."""
+    if log_ is None:
+        return mod, {}
+    best = log_.best(log)
+    applied = {}
+    for task in extract_tasks(mod, spec):
+        r = best.get(task.key)
+        if r is None:
+            continue
+        gv = next(g for g, f in mod.functions_items() if f.same_as(task.func))
+        mod[gv] = task.func.with_attr(CONFIG_ATTR, r["config"])
+        applied[task.key] = r
+    return mod, applied
+
+
+def config_from(func, Config, default):
+    """The Config a rule should use for func: its "nibble.config" attr if tuned, else default."""
+    if func.attrs is None or CONFIG_ATTR not in func.attrs:
+        return default
+    py = lambda v: v.value if hasattr(v, "value") else v  # IntImm / FloatImm -> int / float
+    given = {str(k): py(v) for k, v in dict(func.attrs[CONFIG_ATTR]).items()}
+    return dataclasses.replace(default, **{k: v for k, v in given.items() if k in {f.name for f in dataclasses.fields(Config)}})
+
+
+# -- measuring ---------------------------------------------------------------------------------------
+
+def _inputs(func, m: int, dev, rng):
+    """Random arguments for one call at m tokens (weights random bits, small scales, zeros = 8)."""
+    import tvm
+
+    arrays = []
+    for buf in func.params:  # TVM 0.27: params are typed buffers (name, shape, dtype)
+        shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else m for d in buf.shape]
+        dt = str(buf.dtype)
+        if dt == "uint32":
+            a = rng.integers(0, 2**32, shape, dtype=np.uint64).astype(np.uint32)
+        elif buf.name == "zeros":
+            a = np.full(shape, 8, dt)
+        else:
+            a = (rng.standard_normal(shape) * (0.02 if buf.name == "scales" else 1.0)).astype(dt)
+        arrays.append(tvm.runtime.tensor(a, dev))
+    return arrays
+
+
+def measure(task: Task, config: dict, spec: dict, dev, repeat: int = 20) -> float:
+    """Median microseconds of one call of the task's kernel with `config` at m = task.m."""
+    import tvm
+    from tvm.s_tir import dlight as dl
+
+    from .target import tvm_target
+
+    target = tvm_target(spec)
+    func = task.func.with_attr(CONFIG_ATTR, config).with_attr("global_symbol", "main")
+    mod = tvm.IRModule({"main": func})
+    rule = task.template.rule() if hasattr(task.template, "rule") else None
+    if rule is None:
+        raise NibbleError(f"schedule template {TEMPLATES[task.kind]} has no rule() to tune")
+    with target:
+        mod = dl.ApplyDefaultSchedule(rule)(mod)
+    if not (mod["main"].attrs and mod["main"].attrs.get("tirx.is_scheduled")):
+        return float("inf")  # the template declined this config
+    lib = tvm.compile(mod, target=target)
+    args = _inputs(mod["main"], task.m, dev, np.random.default_rng(0))
+    flush = 256 << 20 if spec["kind"] == "cuda" else 0  # weights from HBM, not a warm L2
+    ev = lib.mod.time_evaluator("main", dev, number=1, repeat=repeat, cache_flush_bytes=flush)
+    return float(np.median(ev(*args).results)) * 1e6
+
+
+# -- search ------------------------------------------------------------------------------------------
+
+def _features(cfg: dict) -> list[float]:
+    return [math.log2(v) if isinstance(v, (int, float)) and v > 0 else float(v) for v in cfg.values()]
+
+
+def propose(space: list[dict], measured: dict[str, float], batch: int, rng: random.Random) -> list[dict]:
+    """The next candidates: XGBoost's predicted fastest unmeasured configs, plus a random one."""
+    todo = [c for c in space if json.dumps(c, sort_keys=True) not in measured]
+    if len(todo) <= batch:
+        return todo
+    done = [(json.loads(k), us) for k, us in measured.items() if math.isfinite(us)]
+    if len(done) < 4:
+        return rng.sample(todo, batch)
+    import xgboost
+
+    train = xgboost.DMatrix(np.array([_features(c) for c, _ in done]), label=np.log([us for _, us in done]))
+    booster = xgboost.train({"max_depth": 3, "eta": 0.3, "verbosity": 0}, train, num_boost_round=50)
+    pred = booster.predict(xgboost.DMatrix(np.array([_features(c) for c in todo])))
+    order = [todo[i] for i in np.argsort(pred)]
+    picks = order[: batch - 1]
+    rest = order[batch - 1:]
+    return picks + [rng.choice(rest)]  # exploration: the model only knows what it has seen
+
+
+def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bool = False,
+         batch: int = 4, out=print, seed: int = 0) -> dict[str, dict]:
+    """Tune every task with up to `trials` candidates in total (split by call weight); returns the best
+    record per task. With resume, measured candidates already in the log count and are not re-run."""
+    from .runtime import _device
+
+    dev = _device("cuda" if spec["kind"] == "cuda" else "cpu")
+    if spec["kind"] == "cuda":
+        from .cuda import ensure_cuda_runtime, register_nvcc_callback
+
+        ensure_cuda_runtime()
+        register_nvcc_callback(spec["arch"])
+    versions = template_versions()
+    previous: dict[str, dict[str, float]] = {}
+    for r in log_.records(versions, out) if resume else []:
+        previous.setdefault(r["key"], {})[json.dumps(r["config"], sort_keys=True)] = r["us"]
+    total_w = sum(t.calls for t in tasks) or 1
+    rng = random.Random(seed)
+    best: dict[str, dict] = {}
+    t_start, done_trials = time.perf_counter(), 0
+    budget = {t.key: max(1, round(trials * t.calls / total_w)) for t in tasks}
+    for ti, task in enumerate(tasks, 1):
+        space = task.space()
+        measured = dict(previous.get(task.key, {}))
+        first = [task.default()] if json.dumps(task.default(), sort_keys=True) not in measured else []
+        n_new = 0
+        while n_new < budget[task.key]:
+            cands = first or propose(space, measured, batch, rng)
+            first = []
+            if not cands:
+                break
+            for cfg in cands[: budget[task.key] - n_new]:
+                try:
+                    us = measure(task, cfg, spec, dev)
+                except Exception as e:  # a candidate that fails to build or run is a dead end, not fatal
+                    out(f"  {task.key} {cfg}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
+                    us = float("inf")
+                key = json.dumps(cfg, sort_keys=True)
+                measured[key] = us
+                log_.append({"key": task.key, "kind": task.kind, "version": versions.get(task.kind, 1),
+                             "arch": log_.arch, "m": task.m, "config": cfg, "us": us if math.isfinite(us) else 1e30,
+                             "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
+                n_new += 1
+                done_trials += 1
+                fin = {k: v for k, v in measured.items() if math.isfinite(v) and v < 1e29}
+                bk = min(fin, key=fin.get) if fin else None
+                left = sum(budget.values()) - done_trials
+                eta = (time.perf_counter() - t_start) / done_trials * max(left, 0)
+                out(f"[{ti}/{len(tasks)}] {task.key}  trial {n_new}/{budget[task.key]}  "
+                    f"best {fin[bk]:.2f} us {bk}  ETA {eta:.0f} s" if bk else
+                    f"[{ti}/{len(tasks)}] {task.key}  trial {n_new}/{budget[task.key]}  no valid config yet")
+        fin = {k: v for k, v in measured.items() if math.isfinite(v) and v < 1e29}
+        if fin:
+            bk = min(fin, key=fin.get)
+            default_us = measured.get(json.dumps(task.default(), sort_keys=True))
+            best[task.key] = {"config": json.loads(bk), "us": fin[bk], "default_us": default_us}
+    return best

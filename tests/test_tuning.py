@@ -1,0 +1,130 @@
+"""Tuning on the CPU (llvm) with a handful of trials: records written, reloaded, applied, resumed."""
+import json
+import multiprocessing
+import warnings
+
+import pytest
+
+import nibble
+from compiler.target import resolve
+from compiler.tuning import CONFIG_ATTR, TuningLog, apply_records, extract_tasks
+from nibble.cli import main
+from tests import models
+
+SPEC = resolve("llvm")
+
+
+@pytest.fixture(scope="module")
+def mlp(tmp_path_factory):
+    d = tmp_path_factory.mktemp("tune")
+    models.onnx_mlp(d / "mlp.onnx", k=64, hidden=256)
+    return d / "mlp.onnx"
+
+
+def _lines(path):
+    return [json.loads(l) for l in path.read_text().splitlines() if l.strip()]
+
+
+def test_tune_writes_records_and_compile_applies_them(mlp, tmp_path, capsys):
+    log = tmp_path / "log.jsonl"
+    assert main(["tune", str(mlp), "--target", "llvm", "--trials", "6", "--log", str(log)]) == 0
+    out = capsys.readouterr().out
+    assert "2 tasks" in out and "best per task" in out
+    recs = _lines(log)
+    assert len(recs) == 6 and {r["arch"] for r in recs} == {SPEC["mcpu"]}
+    assert {r["key"].split(":")[-1] for r in recs} == {"cpu"}
+    best = TuningLog(log, SPEC).best()
+    assert set(best) == {r["key"] for r in recs}
+    for key, rec in best.items():
+        assert rec["us"] == min(r["us"] for r in recs if r["key"] == key)
+
+    assert main(["compile", str(mlp), "--target", "llvm", "--tuning-log", str(log), "-o", str(tmp_path / "t.nibble")]) == 0
+    out = capsys.readouterr().out
+    assert "2 of 2 kernels tuned" in out
+    m = nibble.load(tmp_path / "t.nibble")
+    assert all(v["tuned"] for v in m.manifest["kernels"].values())
+    assert main(["inspect", str(tmp_path / "t.nibble")]) == 0
+    assert "kernels: 2 of 2 tuned" in capsys.readouterr().out
+    assert main(["compile", str(mlp), "--target", "llvm", "--no-tuning", "-o", str(tmp_path / "d.nibble")]) == 0
+    assert "0 of 2 kernels tuned" in capsys.readouterr().out
+
+
+def test_applied_config_changes_the_schedule(mlp):
+    from tvm.s_tir import dlight as dl
+
+    from compiler.int4_pass import quantize_linears
+    from compiler.target import tvm_target
+    from frontends import import_model
+    from schedules.cpu import Int4MatmulCPU
+
+    imp = import_model(mlp)
+    mod, _, _ = quantize_linears(imp.mod, imp.params)
+    task = extract_tasks(mod, SPEC)[0]
+    scheduled = {}
+    for n_chunk in (8, 64):
+        func = task.func.with_attr(CONFIG_ATTR, {"n_chunk": n_chunk, "k_split": 1})
+        import tvm
+
+        with tvm_target(SPEC):
+            out = dl.ApplyDefaultSchedule(Int4MatmulCPU())(tvm.IRModule({"main": func}))
+        scheduled[n_chunk] = out["main"].script()
+    n = task.func.attrs["nibble.int4"]["n"]
+    assert f"T.parallel({n // 8})" in scheduled[8] or f"T.parallel(T.int64({n // 8}))" in scheduled[8]
+    assert scheduled[8] != scheduled[64]
+
+
+def test_resume_continues_without_repeating(mlp, tmp_path, capsys):
+    log = tmp_path / "r.jsonl"
+    args = ["tune", str(mlp), "--target", "llvm", "--trials", "4", "--log", str(log)]
+    assert main(args) == 0
+    first = _lines(log)
+    assert main(args + ["--resume"]) == 0
+    capsys.readouterr()
+    recs = _lines(log)
+    assert len(recs) == 8
+    seen = [(r["key"], json.dumps(r["config"], sort_keys=True)) for r in recs]
+    assert len(set(seen)) == 8, "resume re-measured a candidate"
+    assert recs[:4] == first
+
+
+def test_corrupt_line_skipped_and_other_arch_ignored(tmp_path):
+    log = tmp_path / "mixed.jsonl"
+    good = {"key": "a:cpu", "kind": "cpu", "version": 1, "arch": SPEC["mcpu"], "m": 16,
+            "config": {"n_chunk": 16, "k_split": 1}, "us": 5.0}
+    other = dict(good, arch="sm_80", us=1.0)
+    log.write_text(json.dumps(good) + "\n" + '{"key": "a:cpu", "us": 3' + "\n" + json.dumps(other) + "\n")
+    notes = []
+    with warnings.catch_warnings(record=True) as w:
+        warnings.simplefilter("always")
+        best = TuningLog(log, SPEC).best(log=notes.append)
+    assert best["a:cpu"]["us"] == 5.0  # the faster sm_80 record is not used
+    assert any("mixed.jsonl:2: corrupt tuning record skipped" in str(x.message) for x in w)
+    assert any("ignored 1 record(s) for sm_80" in n for n in notes)
+
+
+def _append_many(path, tag):
+    log = TuningLog(path, SPEC)
+    for i in range(200):
+        log.append({"key": f"{tag}:{i}", "kind": "cpu", "version": 1, "arch": SPEC["mcpu"], "m": 1,
+                    "config": {"pad": "x" * 3000}, "us": float(i)})
+
+
+def test_concurrent_tunes_never_interleave_lines(tmp_path):
+    path = tmp_path / "c.jsonl"
+    procs = [multiprocessing.Process(target=_append_many, args=(path, t)) for t in ("a", "b")]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join()
+    recs = _lines(path)  # every line parses
+    assert len(recs) == 400
+
+
+def test_apply_records_without_log_is_a_no_op(mlp):
+    from compiler.int4_pass import quantize_linears
+    from frontends import import_model
+
+    imp = import_model(mlp)
+    mod, _, _ = quantize_linears(imp.mod, imp.params)
+    same, applied = apply_records(mod, SPEC, None)
+    assert same is mod and applied == {}
