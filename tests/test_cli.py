@@ -244,3 +244,28 @@ def test_runtime_needs_no_frontends(mlp_artifact):
     r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                        cwd=os.path.dirname(os.path.dirname(__file__)))
     assert r.returncode == 0, r.stdout + r.stderr
+
+
+def test_onnx_with_external_data(tmp_path, capsys):
+    """Weights in a side file (how >2 GB models ship) are read from beside the model."""
+    import onnx
+
+    import nibble
+
+    w = models.onnx_mlp(tmp_path / "src.onnx")
+    model = onnx.load(str(tmp_path / "src.onnx"))
+    (tmp_path / "ext").mkdir()
+    onnx.save_model(model, str(tmp_path / "ext" / "m.onnx"), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location="m.weights", size_threshold=0)
+    assert (tmp_path / "ext" / "m.weights").stat().st_size > 40000
+    assert (tmp_path / "ext" / "m.onnx").stat().st_size < 5000
+    code, out, err = run_cli(capsys, "compile", tmp_path / "ext" / "m.onnx", "--target", "llvm",
+                             "-o", tmp_path / "m.nibble")
+    assert code == 0, err
+    x = np.random.default_rng(0).standard_normal((1, 3, 64)).astype(np.float32)
+    y = nibble.load(tmp_path / "m.nibble")(x)[0]
+    fp32 = np.maximum(x @ w["w1"] + w["b1"], 0) @ w["w2"]
+    assert np.linalg.norm(y - fp32) / np.linalg.norm(fp32) < 0.4  # int4 of these weights, not garbage
+    (tmp_path / "ext" / "m.weights").unlink()
+    code, _, err = run_cli(capsys, "compile", tmp_path / "ext" / "m.onnx", "--target", "llvm")
+    assert code == 1 and "m.onnx" in err
