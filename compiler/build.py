@@ -21,6 +21,7 @@ class BuildOptions:
     skip: tuple[str, ...] = ()
     min_size: int = 0
     shapes: dict | None = None
+    max_length: int | None = None  # tokens the model can attend to (recorded for generate's checks)
     tuning: str | bool | None = None  # a tuning log path; None: tuning_logs/<arch>.jsonl if present; False: none
 
 
@@ -146,6 +147,7 @@ def compile_model(source, example_inputs=None, output: str | os.PathLike | None 
         stem = Path(source).stem if isinstance(source, (str, Path)) else type(source).__name__.lower()
         output = Path(f"{stem}.nibble")
     manifest = artifact.manifest(imp, mod, spec, opts, report, inputs)
+    manifest["max_length"] = opts.max_length
     manifest["kernels"] = {k: ({"tuned": True, "config": r["config"], "us": r["us"]} if r else {"tuned": False})
                            for k, r in kernels.items()}
     path = artifact.write(Path(output), ex, params, manifest)

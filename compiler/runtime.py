@@ -149,6 +149,14 @@ class CompiledModel:
             return tvm.runtime.from_dlpack(v.contiguous())
         return tvm.runtime.tensor(np.ascontiguousarray(v), self.device)
 
+    def generate(self, prompt_ids, max_new_tokens: int = 20, **kw):
+        """Autoregressive generation for a decoder exported with past key/values (compiler.generate)."""
+        from .generate import Generator
+
+        if not hasattr(self, "_generator"):
+            self._generator = Generator(self)
+        return self._generator.generate(prompt_ids, max_new_tokens, **kw)
+
     def benchmark(self, *args, repeat: int = 20, **kwargs) -> float:
         """Median seconds per call (inputs already on the device, synchronized)."""
         values = self._bind(args, kwargs)

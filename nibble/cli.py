@@ -57,6 +57,7 @@ def _options(a):
     return BuildOptions(target=a.target, arch=a.arch, quantize=not a.no_quantize,
                         quant=QuantConfig(a.group_size, not a.asym), skip=tuple(a.skip),
                         min_size=a.min_size, shapes=dict(_shape(s) for s in a.shape) or None,
+                        max_length=getattr(a, "max_length", None),
                         tuning=False if getattr(a, "no_tuning", False) else getattr(a, "tuning_log", None))
 
 
@@ -125,6 +126,30 @@ def cmd_run(a) -> int:
         np.savez(tmp, **{s["name"]: o for s, o in zip(m.outputs, outs)})
         tmp.replace(a.save)
         print(f"saved {a.save}")
+    return 0
+
+
+def _ids(text: str) -> list[int]:
+    try:
+        return [int(t) for t in text.replace(" ", "").split(",") if t]
+    except ValueError:
+        raise NibbleError(f"token ids must be comma-separated integers, got {text!r}") from None
+
+
+def cmd_generate(a) -> int:
+    import nibble
+
+    m = nibble.load(a.artifact, a.device)
+    prompts = [_ids(p) for p in a.prompt_ids]
+    if len({len(p) for p in prompts}) != 1:
+        raise NibbleError("every --prompt-ids must have the same length (a batch of equal-length prompts)")
+    g = m.generate(np.array(prompts, np.int64), a.max_new_tokens, do_sample=a.do_sample,
+                   temperature=a.temperature, top_k=a.top_k, top_p=a.top_p, stop_tokens=_ids(a.stop),
+                   seed=a.seed)
+    for row in g.tokens:
+        print(",".join(str(int(t)) for t in row))
+    print(f"prefill {g.prefill_ms:.2f} ms ({len(prompts[0])} tokens x {len(prompts)}), decode "
+          f"{g.decode_ms_per_token:.2f} ms/token over {g.steps} steps ({g.tokens_per_s:.1f} tokens/s per sequence)")
     return 0
 
 
@@ -203,6 +228,8 @@ def parser() -> argparse.ArgumentParser:
                    help="quantize only weights with at least this many elements")
     c.add_argument("--shape", action="append", default=[], metavar="NAME=DIMS",
                    help="pin an input's dims, e.g. input_ids=1x128 or input_ids=1x? (? stays dynamic)")
+    c.add_argument("--max-length", type=int, help="the most tokens the model can attend to (generate "
+                   "refuses longer prompts)")
     c.add_argument("--tuning-log", metavar="PATH", help="tuning records to apply (default: "
                    "tuning_logs/<arch>.jsonl when present)")
     c.add_argument("--no-tuning", action="store_true", help="ignore tuning records: template defaults")
@@ -236,6 +263,22 @@ def parser() -> argparse.ArgumentParser:
     i.add_argument("artifact")
     i.add_argument("--json", action="store_true", help="print the whole manifest")
     i.set_defaults(func=cmd_inspect)
+
+    g = sub.add_parser("generate", help="generate tokens with a decoder compiled with past key/values",
+                       description="Prefill the prompt, then decode token by token with the KV cache kept "
+                       "on the device. Prints the new tokens (one line per prompt) and prefill/decode timings.")
+    g.add_argument("artifact")
+    g.add_argument("--prompt-ids", action="append", required=True, metavar="1,2,3",
+                   help="prompt token ids (repeat for a batch of equal-length prompts)")
+    g.add_argument("--max-new-tokens", type=int, default=20)
+    g.add_argument("--do-sample", action="store_true", help="sample (default: greedy)")
+    g.add_argument("--temperature", type=float, default=1.0)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--stop", default="", metavar="IDS", help="stop tokens, comma-separated")
+    g.add_argument("--seed", type=int)
+    g.add_argument("--device", help="cuda or cpu (default: what it was built for)")
+    g.set_defaults(func=cmd_generate)
 
     d = sub.add_parser("demo", help="build, run and check the built-in example (a small GPT-style model)")
     d.add_argument("--target", default=None, help="cuda or llvm (default: cuda if a GPU is here, else llvm)")
