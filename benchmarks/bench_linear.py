@@ -35,10 +35,8 @@ MS = [1, 2, 4, 8, 16, 32, 200, 2048]
 L2_BYTES = 60 * 2**20
 ROTATE_BYTES = 3 * L2_BYTES  # weight copies in rotation exceed this, so each launch reads HBM
 # GEMV config variants timed beside the default (name -> Config overrides), at the M's of VARIANT_MS
-VARIANTS = {"ts1": dict(rows_per_thread=1, rows_per_thread_large=1),
-            "ts4": dict(rows_per_thread=4, rows_per_thread_large=2),
-            "u2": dict(chunks=2), "w8": dict(warps=8)}
-VARIANT_MS = (1, 4, 16)
+VARIANTS = {"ts2": dict(rows_per_thread=2), "ts8": dict(rows_per_thread=8)}
+VARIANT_MS = (1, 4)
 LAUNCHES = 24  # launches captured per CUDA graph (at least one pass over the copies)
 
 
@@ -181,7 +179,7 @@ def main():
         wbytes = parts["qweight"].nbytes + parts["scales"].nbytes
         copies = max(2, math.ceil(ROTATE_BYTES / wbytes))
         tdev = tvm.cuda(0)  # the packed weight as TVM tensors: torch's uint32 support is partial
-        args = [(tvm.runtime.tensor(parts["qweight"], device=tdev), tvm.runtime.tensor(parts["scales"], device=tdev))
+        wargs = [(tvm.runtime.tensor(parts["qweight"], device=tdev), tvm.runtime.tensor(parts["scales"], device=tdev))
                 for _ in range(copies)]
         w16 = w_deq.half()
         w16s = [w16.clone() for _ in range(max(2, math.ceil(ROTATE_BYTES / (w16.numel() * 2))))]
@@ -208,11 +206,11 @@ def main():
             nib, dl_name = kernels[nibble_kernel_for(m)], f"dlight_m{m}"
             tx, ty = to_tvm(x), to_tvm(y)
             # -- numerics (fresh inputs, poisoned outputs) --
-            nib(tx, args[0][0], args[0][1], ty)
+            nib(tx, wargs[0][0], wargs[0][1], ty)
             torch.cuda.synchronize()
             row["err_nibble"] = rel_err(y, ref)
             y.fill_(float("nan"))
-            kernels[dl_name](tx, args[0][0], args[0][1], ty)
+            kernels[dl_name](tx, wargs[0][0], wargs[0][1], ty)
             torch.cuda.synchronize()
             row["err_dlight"] = rel_err(y, ref)
             row["err_cublas"] = rel_err(F.linear(x, w16), ref)
@@ -231,8 +229,8 @@ def main():
             dsts = [torch.empty_like(s) for s in srcs]
             sel = lambda lst: [lst[i % len(lst)] for i in range(LAUNCHES)]  # noqa: E731
             row["t_copy"] = graph_time([lambda s=s, d=d: d.copy_(s) for s, d in sel(list(zip(srcs, dsts)))], torch)
-            row["t_nibble"] = graph_time([lambda a=a: nib(tx, a[0], a[1], ty) for a in sel(args)], torch)
-            row["t_dlight"] = graph_time([lambda a=a: kernels[dl_name](tx, a[0], a[1], ty) for a in sel(args)], torch)
+            row["t_nibble"] = graph_time([lambda a=a: nib(tx, a[0], a[1], ty) for a in sel(wargs)], torch)
+            row["t_dlight"] = graph_time([lambda a=a: kernels[dl_name](tx, a[0], a[1], ty) for a in sel(wargs)], torch)
             row["t_cublas"] = graph_time([lambda w_=w_: F.linear(x, w_) for w_ in sel(w16s)], torch)
             if tiny is not None:
                 row["t_tinygemm"] = graph_time(
@@ -240,29 +238,33 @@ def main():
             for vname in VARIANTS if m in VARIANT_MS else ():
                 vk = kernels[f"{nibble_kernel_for(m)}_{vname}"]
                 y.fill_(float("nan"))
-                vk(tx, args[0][0], args[0][1], ty)
+                vk(tx, wargs[0][0], wargs[0][1], ty)
                 torch.cuda.synchronize()
                 row[f"err_{vname}"] = rel_err(y, ref)
-                row[f"t_{vname}"] = graph_time([lambda a=a, vk=vk: vk(tx, a[0], a[1], ty) for a in sel(args)], torch)
+                row[f"t_{vname}"] = graph_time([lambda a=a, vk=vk: vk(tx, a[0], a[1], ty) for a in sel(wargs)], torch)
             del srcs, dsts
             row["bytes"] = mbytes
             row["GBps_nibble"] = mbytes / row["t_nibble"] / 1e9
             row["TFLOPs_nibble"] = 2 * m * n * k / row["t_nibble"] / 1e12
             rows.append(row)
             print(_line(row), flush=True)
-        del w16s, tiny, args, kernels
+        write(Path(args.out), meta, rows)  # after every shape: a run cut short keeps what it measured
+        del w16s, tiny, wargs, kernels
         torch.cuda.empty_cache()
-    out = Path(args.out)
+    write(Path(args.out), meta, rows)
+    print((Path(args.out) / "bench_linear.md").read_text())
+
+
+def write(out, meta, rows):
     out.mkdir(parents=True, exist_ok=True)
     (out / "bench_linear.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     md = [f"# int4 linear on {meta['device']} ({meta['date']})", "",
           f"torch {meta['torch']}, CUDA {meta['cuda']}, TVM {meta['tvm']}; {meta['method']}.", "",
-          "us per call; x = time / same-bytes copy time; cuBLAS/nibble = speedup over cuBLAS fp16", "",
+          "us per call; x copy = time / same-bytes copy time; cuBLAS/nibble = speedup over cuBLAS fp16", "",
           "| K->N | M | copy us | nibble us | nibble x copy | GB/s | TFLOP/s | cuBLAS us | cuBLAS/nibble | "
           "tinygemm us | dlight us | err nibble |", "|" + "---|" * 12]
     md += [_md(r) for r in rows]
     (out / "bench_linear.md").write_text("\n".join(md) + "\n")
-    print("\n".join(md))
 
 
 def _fmt(v, f="{:.1f}"):

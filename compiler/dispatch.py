@@ -30,9 +30,10 @@ from .int4_kernel import ATTR
 
 KERNEL_ATTR = "nibble.kernel"  # = schedules.gemv.KERNEL_ATTR
 ROWS_ATTR = "nibble.rows"  # = schedules.gemv.ROWS_ATTR
-# m <= 16 runs the GEMV (bucket = the next power of two >= m; buckets keep the per-token work of a
-# GEMV copy exact instead of padding every small m to 16). Chosen from the H200 measurements.
-BUCKETS = (1, 2, 4, 8, 16)
+# m <= 4 runs the GEMV (bucket = the next power of two >= m, so a copy never does more than 2x the
+# token work). Chosen from the H200 measurements (benchmarks/results/): past m = 4 this CUDA-core
+# GEMV is bound by L1 traffic for x and fp32 FMAs and loses to the GEMM copy; see the results notes.
+BUCKETS = (1, 2, 4)
 
 
 def _copy(func: tirx.PrimFunc, name: str, **attrs) -> tirx.PrimFunc:

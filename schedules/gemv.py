@@ -24,10 +24,13 @@ equivalent kernel with a cheaper decode (same inputs, same fp32 accumulation):
     equal to the PrimFunc (which rounds each (q-z)*s to fp16 first); it is closer to the fp32
     reference (compiler.quantize.dequantize), not further.
   * reduction split: every row's K is spread over the 32 lanes of a warp (warp-shuffle reduce, no
-    shared memory, no atomics), so even N=4096 gives 4096 warps / 132 SMs ~ 31 warps per SM and all
-    of a lane's loads are in flight at once. Tokens: blockIdx.y over tiles of B rows of x (the
-    dispatch makes that one tile).
-Knobs are in Config (per-arch defaults, per bucket) so a tuner can search them.
+    shared memory, no atomics); a lane owns TS rows, so N=4096 still gives ~8 warps per SM with all
+    TS*U 16-byte loads of a lane in flight at once (K=4096: the whole row slice in one go). Tokens:
+    blockIdx.y over tiles of B rows of x (the dispatch makes that one tile).
+Knobs are in Config (per-arch defaults, per bucket) so a tuner can search them. Measured on an H200
+(benchmarks/results/h200_notes.md): TS=4 beats TS=2/8 at m=4 by 1.3-2x and ties at m=1; the kernel is
+good for m <= 4 only: past that, each lane re-reading B rows of x from L1 for every TS rows of W and
+B fp32 FMAs per weight make it slower than the GEMM copy (the fix is a tensor-core decode kernel).
 """
 from __future__ import annotations
 
@@ -47,7 +50,7 @@ class Config:
     """One GEMV variant. Defaults per arch in DEFAULTS; `rows_per_thread`/`chunks` are per bucket."""
 
     warps: int = 4  # warps per thread block (threadIdx.y); each warp owns ts rows of W
-    rows_per_thread: int = 2  # TS for token buckets B < 8: each x value is converted once for TS rows
+    rows_per_thread: int = 4  # TS for token buckets B < 8: each x value is converted once for TS rows
     rows_per_thread_large: int = 1  # TS for B >= 8 (registers: ~5*TS*B accumulators + 8*B x values)
     chunks: int = 4  # U: 16-byte chunks of each row a lane loads per iteration (loads in flight)
 
@@ -56,7 +59,6 @@ class Config:
 
 
 DEFAULTS = {"sm_90": Config(), "sm_80": Config(), "default": Config()}
-BUCKETS = (1, 2, 4, 8, 16)  # token buckets the dispatch pass makes GEMV copies for (m <= 16)
 
 
 def config_for(target) -> Config:
