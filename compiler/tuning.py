@@ -42,6 +42,7 @@ TEMPLATES = {"gemv": "schedules.gemv", "gemm": "schedules.gemm", "cpu": "schedul
 DEFAULT_DIR = Path(os.environ.get("NIBBLE_TUNING_LOGS", Path(__file__).resolve().parents[1] / "tuning_logs"))
 PREFILL_M = 512  # token count the (single) GEMM copy is tuned at
 CPU_M = 16
+L2_BYTES = 60 << 20  # H200/H100 L2; tuning measurements rotate more weight bytes than 3x this
 
 
 @dataclasses.dataclass
@@ -220,7 +221,7 @@ def _inputs(func, m: int, dev, rng):
     return arrays
 
 
-def measure(task: Task, config: dict, spec: dict, dev, repeat: int = 20) -> float:
+def measure(task: Task, config: dict, spec: dict, dev, repeat: int = 7) -> float:
     """Median microseconds of one call of the task's kernel with `config` at m = task.m."""
     import tvm
     from tvm.s_tir import dlight as dl
@@ -238,10 +239,29 @@ def measure(task: Task, config: dict, spec: dict, dev, repeat: int = 20) -> floa
     if not (mod["main"].attrs and mod["main"].attrs.get("tirx.is_scheduled")):
         return float("inf")  # the template declined this config
     lib = tvm.compile(mod, target=target)
-    args = _inputs(mod["main"], task.m, dev, np.random.default_rng(0))
-    flush = 256 << 20 if spec["kind"] == "cuda" else 0  # weights from HBM, not a warm L2
-    ev = lib.mod.time_evaluator("main", dev, number=1, repeat=repeat, cache_flush_bytes=flush)
-    return float(np.median(ev(*args).results)) * 1e6
+    rng = np.random.default_rng(0)
+    args = _inputs(mod["main"], task.m, dev, rng)
+    if spec["kind"] != "cuda":
+        ev = lib.mod.time_evaluator("main", dev, number=1, repeat=repeat)
+        return float(np.median(ev(*args).results)) * 1e6
+    # GPU: back-to-back launches, each on its own copy of the weights (more than 3x the L2 in all), so
+    # the kernel reads HBM as it will in a model; the host enqueues faster than these kernels run.
+    weights = [i for i, p in enumerate(mod["main"].params) if p.name in ("qweight", "scales", "zeros")]
+    per_copy = sum(args[i].numpy().nbytes for i in weights)
+    copies = [args] + [[_inputs(mod["main"], task.m, dev, rng)[i] if i in weights else a
+                        for i, a in enumerate(args)] for _ in range(max(1, -(-3 * L2_BYTES // per_copy)) - 1)]
+    f = lib["main"]
+    for c in copies[:2]:
+        f(*c)  # warm up: module load
+    times = []
+    for _ in range(repeat):
+        dev.sync()
+        t0 = time.perf_counter()
+        for c in copies * max(1, 64 // len(copies)):
+            f(*c)
+        dev.sync()
+        times.append((time.perf_counter() - t0) / (len(copies) * max(1, 64 // len(copies))))
+    return float(np.median(times)) * 1e6
 
 
 # -- search ------------------------------------------------------------------------------------------

@@ -59,6 +59,10 @@ class Config:
 
 
 DEFAULTS = {"sm_90": Config(), "sm_80": Config(), "default": Config()}
+# What `nibble tune` searches (compiler/tuning.py); the rule shrinks warps where N does not divide.
+SPACE = {"warps": (2, 4, 8), "rows_per_thread": (1, 2, 4, 8),  # (rows_per_thread_large: no bucket >= 8)
+         "chunks": (1, 2, 4, 8)}
+VERSION = 1  # bump when the kernel changes meaning: tuning records of other versions are ignored
 
 
 def config_for(target) -> Config:
@@ -189,7 +193,10 @@ class GEMV(ScheduleRule):
             return None
         if str(attrs[KERNEL_ATTR]) != "gemv" or target.kind.name != "cuda":
             return None
-        kernel = gemv_func(attrs[ATTR], int(attrs[ROWS_ATTR]), self.config or config_for(target))
+        from compiler.tuning import config_from
+
+        cfg = config_from(func, Config, self.config or config_for(target))  # a tuned record wins
+        kernel = gemv_func(attrs[ATTR], int(attrs[ROWS_ATTR]), cfg)
         if kernel is None:
             return None
         # keep the original's attrs (global_symbol, nibble.*) on the replacement
@@ -198,3 +205,7 @@ class GEMV(ScheduleRule):
 
     def is_target_available(self, target) -> bool:
         return target.kind.name == "cuda"
+
+
+def rule():
+    return GEMV()
