@@ -37,10 +37,12 @@ def _dims(ty) -> list:
     return out
 
 
-def describe_inputs(mod) -> list[dict]:
+def describe_inputs(mod, names: list[str] | None = None) -> list[dict]:
+    """The model inputs (main's first num_input params); `names` overrides the importer's renamings."""
     func = mod["main"]
-    n = int(func.attrs["num_input"])
-    return [{"name": p.name, "shape": _dims(p.ty), "dtype": str(p.ty.dtype)} for p in func.params[:n]]
+    params = func.params[: int(func.attrs["num_input"])]
+    names = names if names is not None and len(names) == len(params) else [p.name for p in params]
+    return [{"name": nm, "shape": _dims(p.ty), "dtype": str(p.ty.dtype)} for nm, p in zip(names, params)]
 
 
 def _describe_outputs(mod, names: list[str]) -> list[dict]:

@@ -124,7 +124,7 @@ def compile_model(source, example_inputs=None, output: str | os.PathLike | None 
     imp = import_model(source, example_inputs, opts.shapes)
     log(f"imported {imp.source} in {time.perf_counter() - t0:.1f} s")
     mod, params = imp.mod, imp.params
-    inputs = artifact.describe_inputs(mod)
+    inputs = artifact.describe_inputs(mod, imp.input_names)
     if opts.quantize:
         mod, params, report = quantize_linears(mod, params, opts.quant, opts.skip, opts.min_size)
         log(report.summary())

@@ -93,13 +93,21 @@ class _Int4Rewriter(PyExprMutator):
 
     # -- analysis ------------------------------------------------------------------------------
     def _weight_of(self, expr):
-        """(name, array, transposed) if expr is a known weight [K, N] or permute_dims of one [N, K]."""
+        """(name, array, transposed, param) if expr is a known weight W' [K, N], permute_dims of a
+        known W [N, K], or either with leading batch dims added (broadcast_to / expand_dims / reshape):
+        torch.export's decomposition of a 3-D aten.matmul is matmul(x[b, s, K], broadcast_to(W', [b, K, N]))."""
         if isinstance(expr, relax.Var) and expr in self.bindings:
-            expr_b = self.bindings[expr]
-            if _is_op(expr_b, "relax.permute_dims"):
-                axes = expr_b.attrs.axes
+            bound = self.bindings[expr]
+            if any(_is_op(bound, op) for op in ("relax.broadcast_to", "relax.expand_dims", "relax.reshape")):
+                inner = bound.args[0]
+                if _trailing2(inner) is not None and _trailing2(inner) == _trailing2(bound) and (
+                        not _is_op(bound, "relax.reshape") or _numel(inner) == _numel(bound)):
+                    return self._weight_of(inner)  # only leading (batch) dims added: the same matrix
+                return None
+            if _is_op(bound, "relax.permute_dims"):
+                axes = bound.attrs.axes
                 if axes is None or [int(a) for a in axes] == [1, 0]:
-                    inner = expr_b.args[0]
+                    inner = bound.args[0]
                     if inner in self.weights:
                         return (*self.weights[inner], True, inner)
             return None
@@ -108,18 +116,21 @@ class _Int4Rewriter(PyExprMutator):
         return None
 
     def _linear(self, call):
-        """(name, array, transposed, weight expr) if call is matmul(activation, 2-D known weight)."""
+        """(name, array, transposed, param) if call is matmul(activation, 2-D known float weight)."""
         if not _is_op(call, "relax.matmul"):
             return None
         x, w = call.args
         info = self._weight_of(w)
         if info is None or info[1] is None or x in self.weights:
             return None
-        shape = _static_shape(w)
-        if shape is None or len(shape) != 2 or str(w.ty.dtype) not in _FLOATS:
+        array, param = info[1], info[3]
+        if np.ndim(array) != 2 or str(param.ty.dtype) not in _FLOATS:
             return None
         xs = x.ty
         if not isinstance(xs, relax.TensorType) or xs.ndim < 1 or str(xs.dtype) not in _FLOATS:
+            return None
+        k = array.shape[1] if info[2] else array.shape[0]
+        if xs.shape is None or _int(xs.shape.values[-1]) != k:
             return None
         return info
 
@@ -153,12 +164,16 @@ class _Int4Rewriter(PyExprMutator):
                 call = self.bindings.get(mm)
                 if (call is not None and self.uses.get(mm, 0) == 1 and _is_op(call, "relax.matmul")
                         and bias in self.weights and self.weights[bias][1] is not None
-                        and _static_shape(bias) == _static_shape(call.args[1])[1:]
+                        and _static_shape(bias) == (self._out_features(call),)
                         and bias.ty.dtype == b.var.ty.dtype
                         and self._eligible(call)):
                     self.fold_bias[b.var] = (mm, bias)
                     self.folded.add(mm)
                     break
+
+    def _out_features(self, call):
+        info = self._linear(call)
+        return None if info is None else (info[1].shape[0] if info[2] else info[1].shape[1])
 
     # -- rewrite -------------------------------------------------------------------------------
     def visit_dataflow_block_(self, block):
@@ -211,6 +226,26 @@ class _Int4Rewriter(PyExprMutator):
         if len(lead) == 1:
             return y
         return relax.op.reshape(self.builder_.emit(y), lead + [n])
+
+
+def _trailing2(expr):
+    ty = expr.ty
+    if not isinstance(ty, relax.TensorType) or ty.shape is None or ty.ndim < 2:
+        return None
+    dims = tuple(_int(d) for d in ty.shape.values[-2:])
+    return None if None in dims else dims
+
+
+def _numel(expr):
+    dims = [_int(d) for d in expr.ty.shape.values]
+    return None if None in dims else int(np.prod(dims))
+
+
+def _int(d):
+    try:
+        return int(d)
+    except TypeError:
+        return None
 
 
 def _prod(dims):

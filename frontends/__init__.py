@@ -18,6 +18,7 @@ class Imported:
     params: dict[str, np.ndarray]
     output_names: list[str]
     source: str  # what it came from, for messages and the manifest
+    input_names: list[str] | None = None  # the model's own input names, where the importer renamed them
 
 
 def import_model(source, example_inputs=None, shapes: dict[str, tuple] | None = None,

@@ -16,8 +16,9 @@ Why each is needed (what real exports contain):
   the 1-element `value` tensor to the empty shape, which broadcast_to rejects (ndim 1 -> 0).
   Fix: the value attribute is a scalar (the spec says a 1-element tensor), used as such.
 - Expand of a tensor whose shape the importer does not know (only its rank): TVM iterates the
-  unknown shape ("'NoneType' object is not iterable"). Fix: expand through the ONNX broadcast
-  rule computed at run time (data * ones(target)), which keeps the known rank.
+  unknown shape ("'NoneType' object is not iterable"). Fix: broadcast_to the target when no target
+  dim is the literal 1 (then the output shape is the target, checked at run time), else the ONNX
+  broadcast rule at run time (data * ones(target)), which keeps the rank.
 - Slice / Gather / Unsqueeze / Squeeze / Concat on the result of Shape of a tensor whose dims are
   not known at import time (an R.Shape(ndim=k) value, not a ShapeExpr): TVM's converters only take
   ShapeExpr or tensors. Fix: materialize the shape as an int64 tensor first (shape_to_tensor).
@@ -26,8 +27,8 @@ Why each is needed (what real exports contain):
 - Reshape to a shape computed at run time (an int64 tensor, TorchScript exports), or with -1 / 0 of
   a tensor whose shape is unknown (only its rank): relax.reshape takes neither. Fix: compute the
   target at run time from the input's runtime shape (0 -> copy, -1 -> numel / product of the
-  others) and reshape to that shape tensor (tensor_to_shape), then match_cast the result to fresh
-  symbolic dims so its shape stays a ShapeExpr.
+  others) and reshape to that shape tensor (tensor_to_shape); the importer (frontends/onnx_import.py)
+  then gives the result dims from ONNX shape inference.
 """
 from __future__ import annotations
 
@@ -117,6 +118,10 @@ class Expand(_tvm.Expand):
             shape = relax.ShapeExpr([int(v) for v in shape.value.numpy().reshape(-1)])
         elif not isinstance(shape, relax.ShapeExpr) and not _is_shape_value(shape):
             shape = bb.normalize(relax.op.tensor_to_shape(shape))
+        if isinstance(shape, relax.ShapeExpr) and all(_const_int(d) is None or _const_int(d) > 1
+                                                       for d in shape.values):
+            # no target dim can keep a larger input dim: output shape = target (checked at run time)
+            return relax.op.broadcast_to(data, shape)
         dtype = str(data.ty.dtype)
         ones = bb.normalize(relax.op.broadcast_to(relax.const(1, dtype), shape))
         if dtype == "bool":
@@ -226,11 +231,7 @@ class Reshape(_tvm.Reshape):
         numel = relax.op.prod(in_shape, keepdims=True)
         fill = bb.normalize(relax.op.floor_divide(numel, relax.op.prod(known, keepdims=True)))
         dims = bb.normalize(relax.op.where(relax.op.equal(dims, neg), fill, dims))
-        out = bb.emit(relax.op.reshape(data, bb.normalize(relax.op.tensor_to_shape(dims))))
-        # give the result a ShapeExpr of fresh symbolic dims, so later ops (and nibble's int4 pass,
-        # which reshapes activations to [M, K]) see per-dim values rather than an opaque shape var
-        dims_vars = [tirx.Var(f"reshape_dim{i}", "int64") for i in range(rank)]
-        return bb.match_cast(out, relax.TensorType(dims_vars, str(data.ty.dtype)))
+        return relax.op.reshape(data, bb.normalize(relax.op.tensor_to_shape(dims)))
 
 
 OVERRIDES = {c.__name__: c for c in (Range, ConstantOfShape, Expand, Slice, Gather, Unsqueeze, Squeeze,

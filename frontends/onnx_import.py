@@ -21,7 +21,7 @@ def _load(path: Path):
     except Exception as e:  # protobuf's DecodeError, truncated files, missing external data
         raise NibbleError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
     try:
-        onnx.checker.check_model(model)
+        onnx.checker.check_model(str(path))  # by path: also works past protobuf's 2 GB limit
     except Exception as e:
         raise NibbleError(f"{path}: invalid ONNX model: {str(e).splitlines()[0]}") from None
     return model
@@ -61,7 +61,20 @@ def _importer_class():
 
     from .onnx_converters import convert_map
 
+    relax, tirx = tvm_onnx.relax, tvm_onnx.tirx
+
     class Importer(tvm_onnx.ONNXGraphImporter):
+        """Converts with our map; recovers the dims of outputs whose shape the converter lost.
+
+        Shape recovery: an output known only by its rank or an opaque shape var (e.g. broadcast of dims TVM cannot prove
+        equal, a reshape to a run-time shape) is match_cast to the dims ONNX shape inference wrote
+        for it (frontends/onnx_prepare.py): integer dims and the input's named dims as they are
+        (match_cast checks them at run time), any other dim as a fresh symbolic var. Downstream
+        converters and nibble's int4 pass then see a ShapeExpr instead of an opaque shape.
+        """
+
+        value_dims: dict = {}
+
         def _check_for_unsupported_ops(self, graph):
             pass  # _check_ops did it, naming the node
 
@@ -70,9 +83,51 @@ def _importer_class():
             if op_name not in table:
                 raise NotImplementedError(f"Operator {op_name} not implemented.")
             sym = table[op_name].get_converter(opset)(self.bb, inputs, attrs, [self._nodes, self._params])
-            return self.bb.normalize(sym) if isinstance(sym, tvm_onnx.relax.Expr) else sym
+            if not isinstance(sym, relax.Expr):
+                return sym
+            sym = self.bb.normalize(sym)
+            ty = sym.ty
+            if isinstance(ty, relax.TensorType) and ty.ndim > 0 and not isinstance(ty.shape, relax.ShapeExpr):
+                sym = self._recover_shape(sym, attrs["tvm_custom"]["name"])
+            return sym
+
+        def _recover_shape(self, sym, node_name):
+            known = self.value_dims.get(node_name)
+            ndim = sym.ty.ndim
+            if known is None or len(known) != ndim:
+                known = [None] * ndim
+            named = {}
+            for inp in self._inputs.values():
+                if isinstance(getattr(inp, "ty", None), relax.TensorType) and inp.ty.shape is not None:
+                    for d in inp.ty.shape.values:
+                        if isinstance(d, tirx.Var):
+                            named[d.name] = d
+            dims = []
+            for i, d in enumerate(known):
+                if isinstance(d, int) and d >= 0:
+                    dims.append(d)
+                elif isinstance(d, str) and d in named:
+                    dims.append(named[d])
+                else:
+                    dims.append(tirx.Var(f"{node_name or 'v'}_dim{i}".replace("/", "_").strip("_"), "int64"))
+            var = self.bb.emit(sym) if not isinstance(sym, relax.Var) else sym
+            return self.bb.match_cast(var, relax.TensorType(dims, str(sym.ty.dtype)))
 
     return Importer
+
+
+def _inferred_dims(model) -> dict:
+    """{node name: [int | dim_param str | None per dim]} of single-output nodes, from value_info."""
+    infos = {v.name: v for v in list(model.graph.value_info) + list(model.graph.output)}
+    out = {}
+    for node in model.graph.node:
+        if len(node.output) != 1 or node.output[0] not in infos:
+            continue
+        tt = infos[node.output[0]].type.tensor_type
+        if tt.HasField("shape"):
+            out[node.name] = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                              for d in tt.shape.dim]
+    return out
 
 
 def _opset(model) -> int:
@@ -85,6 +140,7 @@ def _opset(model) -> int:
 def _convert(model, shape_dict, dtype_dict):
     """TVM's from_onnx (keep_params_in_input=True) with our converter map."""
     importer = _importer_class()(shape_dict, dtype_dict, keep_params_in_input=True, sanitize=True)
+    importer.value_dims = _inferred_dims(model)
     return importer.from_onnx(model.graph, _opset(model))
 
 
@@ -121,4 +177,6 @@ def from_onnx_file(path: Path, shapes: dict[str, tuple] | None = None) -> Import
         msg = str(e).strip().splitlines()
         raise NibbleError(f"{path}: TVM's ONNX importer failed: {msg[-1] if msg else type(e).__name__}") from None
     mod, params = split_params(mod, str(path))
-    return Imported(mod, params, [o.name for o in model.graph.output], str(path))
+    # TVM renames inputs into identifiers (past_key_values.0.key -> past_key_values_0_key); users and
+    # the manifest keep the model's own names
+    return Imported(mod, params, [o.name for o in model.graph.output], str(path), input_names=list(specs))

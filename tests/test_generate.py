@@ -114,3 +114,12 @@ def test_cache_names(name, role):
     from compiler.generate import _cache_role
 
     assert _cache_role(name) == role
+
+
+def test_manifest_keeps_onnx_input_names(fp32_artifact):
+    m = nibble.load(fp32_artifact)
+    assert [i["name"] for i in m.inputs][:3] == ["input_ids", "past_key_values.0.key", "past_key_values.0.value"]
+    ids = np.zeros((1, 2), np.int64)
+    empty = {f"past_key_values.{i}.{kv}": np.zeros((1, 2, 0, 32), np.float32) for i in range(2) for kv in ("key", "value")}
+    out = m(input_ids=ids, **empty)
+    assert out[0].shape == (1, 2, 96) and out[1].shape == (1, 2, 2, 32)

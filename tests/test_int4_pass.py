@@ -91,3 +91,22 @@ def test_no_linear_layers(tmp_path):
     mod, params, report = quantize_linears(imp.mod, imp.params)
     assert census(mod) == (0, 0) and report.layers == []
     assert report.summary().startswith("0 of 0")
+
+
+class _BatchedMatmul(torch.nn.Module):
+    """x[b, s, K] @ W^T written as a batched matmul: torch.export lowers it to broadcast_to(W^T) + bmm."""
+
+    def __init__(self):
+        super().__init__()
+        self.w = torch.nn.Parameter(torch.randn(48, 32))
+
+    def forward(self, x):
+        return torch.bmm(x, self.w.t().unsqueeze(0).expand(x.shape[0], -1, -1))
+
+
+def test_weight_broadcast_over_batch_is_a_linear():
+    imp = import_model(_BatchedMatmul(), (torch.randn(2, 5, 32),))
+    assert "broadcast_to" in imp.mod["main"].script() or "expand" in imp.mod["main"].script()
+    mod, _, report = quantize_linears(imp.mod, imp.params)
+    assert [(l.n, l.k) for l in report.quantized] == [(48, 32)]
+    assert census(mod) == (1, 0)

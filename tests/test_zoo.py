@@ -121,7 +121,8 @@ def _torch_export(name: str, decode: bool):
     names = input_names(decode)
     if decode:
         past = torch.export.Dim("past", max=32)
-        dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: past + seq}}
+        # the mask's length is past + seq: let torch.export derive it rather than name an expression
+        dyn = {"input_ids": {0: batch, 1: seq}, "attention_mask": {0: batch, 1: torch.export.Dim.AUTO}}
         dyn.update({n: {0: batch, 2: past} for n in names[2:]})
         example = inputs(name, (2, 4, 2), True)
     else:
@@ -152,7 +153,8 @@ def export(name: str, exporter: str, decode: bool, folder: str) -> str:
             return stem + ".onnx"
         wrapper = (Decode if decode else Prefill)(model(name)).eval()
         args = tuple(torch.from_numpy(a) for a in inputs(name, (2, 4, 2) if decode else (2, 8), decode))
-        axes = {"input_ids": {0: "batch", 1: "seq"}, "attention_mask": {0: "batch", 1: "total"}}
+        axes = {"input_ids": {0: "batch", 1: "seq"},
+                "attention_mask": {0: "batch", 1: "total" if decode else "seq"}}
         axes.update({n: {0: "batch", 2: "past"} for n in names[2:]})
         axes.update({n: {0: "batch", 2: "total"} for n in outs[1:]})
         axes["logits"] = {0: "batch", 1: "seq"}
@@ -197,8 +199,30 @@ def _compile(path, folder, quantize: bool, tag: str):
                                 output=f"{folder}/{tag}.nibble", log=lambda *a: None)
 
 
-CASES = ([pytest.param(m, e, False, id=f"{m}-{e}") for m in MODELS for e in EXPORTERS]
-         + [pytest.param(m, e, True, id=f"{m}_decode-{e}") for m in DECODE_MODELS for e in EXPORTERS])
+# The fast tier covers every model and every exporter at least once (GPT-2 and Llama with all
+# three); the rest of the matrix is marked slow (CI budget: each llvm build is ~10 s on 2 cores).
+FAST = {("gpt2", e, False) for e in EXPORTERS} | {("llama", e, False) for e in EXPORTERS} | {
+    ("qwen2", "ts", False), ("mistral", "dynamo", False), ("opt", "ep", False), ("phi", "ts", False),
+    ("bert", "dynamo", False), ("bert", "ep", False), ("gpt2", "ts", True), ("gpt2", "ep", True),
+    ("llama", "dynamo", True)}
+
+
+# Known gaps (issue 5), asserted to still fail so a fix shows up: BERT via torch.export adds the
+# position embeddings sliced to min(seq, 64) to a [batch, seq, d] tensor; Relax cannot prove the
+# broadcast, leaves the add's shape unknown and LegalizeOps cannot lower it ("CodeGenVM cannot emit
+# R.add"). Needs the exported program's range constraints (seq <= max) in the shape arithmetic.
+KNOWN_FAILURES = {("bert", "ep", False): "BERT torch.export: R.add with unprovable broadcast left unlowered"}
+
+
+def _case(m, e, d):
+    marks = () if (m, e, d) in FAST else (pytest.mark.slow,)
+    if (m, e, d) in KNOWN_FAILURES:
+        marks += (pytest.mark.xfail(reason=KNOWN_FAILURES[(m, e, d)], strict=True),)
+    return pytest.param(m, e, d, id=f"{m}{'_decode' if d else ''}-{e}", marks=marks)
+
+
+CASES = ([_case(m, e, False) for m in MODELS for e in EXPORTERS]
+         + [_case(m, e, True) for m in DECODE_MODELS for e in EXPORTERS])
 
 
 @pytest.mark.parametrize("name, exporter, decode", CASES)
