@@ -8,10 +8,12 @@ def gpu_rules(target) -> list:
     """Rules for a CUDA target, ours first; TVM's dlight rules schedule everything else."""
     from tvm.s_tir import dlight as dl
 
+    from .gemm import GEMM
     from .gemv import GEMV
 
     return [
         GEMV(),  # small-m copies made by compiler/dispatch.py; None for anything else
+        GEMM(),  # the big-m ("gemm") copy: tensor-core int4 GEMM; None if the shape does not tile
         dl.gpu.Matmul(),
         dl.gpu.GEMV(),
         dl.gpu.Reduction(),
