@@ -100,3 +100,36 @@ def test_cubin_is_real_machine_code_per_cuobjdump(tmp_path):
     assert r.returncode == 0, r.stderr
     assert "arch = sm_90" in r.stdout or gpu_arch() != "sm_90"
     assert "Function : int4_matmul" in r.stdout
+
+
+def test_generate_on_cuda_matches_torch_greedy(tmp_path):
+    from nibble.example import export_onnx_with_past, tiny_gpt_with_past
+    from tests.test_generate import torch_greedy
+
+    model = tiny_gpt_with_past(layers=2, d=64, heads=2, vocab=96)
+    export_onnx_with_past(model, tmp_path / "p.onnx")
+    art = nibble.compile_model(tmp_path / "p.onnx", target="cuda", quantize=False, output=tmp_path / "p.nibble",
+                               log=print)
+    prompt = np.random.default_rng(0).integers(0, 96, (2, 7))
+    g = nibble.load(art).generate(prompt, max_new_tokens=12)
+    np.testing.assert_array_equal(g.tokens, torch_greedy(model, prompt, 12))
+    print(f"prefill {g.prefill_ms:.2f} ms, decode {g.decode_ms_per_token:.3f} ms/token")
+
+
+def test_tune_on_cuda_and_compile_applies_records(tmp_path, capsys):
+    from nibble.cli import main
+
+    models.onnx_gemm(tmp_path / "g.onnx", k=256, n1=256, n2=128)
+    log = tmp_path / "sm.jsonl"
+    assert main(["tune", str(tmp_path / "g.onnx"), "--target", "cuda", "--trials", "6", "--log", str(log)]) == 0
+    assert log.read_text().count("\n") == 6
+    assert main(["compile", str(tmp_path / "g.onnx"), "--target", "cuda", "--tuning-log", str(log),
+                 "-o", str(tmp_path / "g.nibble")]) == 0
+    out = capsys.readouterr().out
+    import re
+
+    assert re.search(r"\b[1-9]\d* of \d+ kernels tuned", out), out
+    m = nibble.load(tmp_path / "g.nibble")
+    assert any(v["tuned"] for v in m.manifest["kernels"].values())
+    x = np.random.default_rng(0).standard_normal((3, 256)).astype(np.float32)
+    assert np.isfinite(m(x)).all()
