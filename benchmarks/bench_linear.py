@@ -105,31 +105,10 @@ def nibble_kernel_for(m):
     return next((f"gemv{b}" for b in BUCKETS if m <= b), "gemm")
 
 
-def graph_time(fn_list, torch, reps=15):
-    """Median seconds per launch: capture len(fn_list) launches in one CUDA graph, replay `reps` times."""
-    import tvm_ffi
+def graph_time(fn_list, torch=None, reps=15):
+    from compiler.timing import graph_time as _graph_time
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s), tvm_ffi.use_torch_stream():
-        for fn in fn_list[:3]:
-            fn()  # warm up (module load, handles) outside the capture
-    torch.cuda.current_stream().wait_stream(s)
-    torch.cuda.synchronize()
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g), tvm_ffi.use_torch_stream():
-        for fn in fn_list:
-            fn()
-    times = []
-    for i in range(reps + 3):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        b.synchronize()
-        if i >= 3:
-            times.append(a.elapsed_time(b) * 1e-3 / len(fn_list))
-    return float(np.median(times))
+    return _graph_time(fn_list, reps)
 
 
 def rel_err(y, ref):

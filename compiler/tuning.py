@@ -42,6 +42,7 @@ TEMPLATES = {"gemv": "schedules.gemv", "gemm": "schedules.gemm", "cpu": "schedul
 DEFAULT_DIR = Path(os.environ.get("NIBBLE_TUNING_LOGS", Path(__file__).resolve().parents[1] / "tuning_logs"))
 PREFILL_M = 512  # token count the (single) GEMM copy is tuned at
 CPU_M = 16
+FAILED_US = 1e29  # records at or above this time mark candidates that failed or were declined
 L2_BYTES = 60 << 20  # H200/H100 L2; tuning measurements rotate more weight bytes than 3x this
 
 
@@ -62,8 +63,14 @@ class Task:
         names = list(space)
         return [dict(zip(names, vals)) for vals in itertools.product(*(space[n] for n in names))]
 
-    def default(self) -> dict:
-        return {f.name: getattr(self.template.Config(), f.name) for f in dataclasses.fields(self.template.Config)}
+    def default(self, spec: dict | None = None) -> dict:
+        """The config the template uses untuned for this target (its measured per-arch default)."""
+        cfg = self.template.Config()
+        if spec is not None and hasattr(self.template, "default_config"):
+            from .target import tvm_target
+
+            cfg = self.template.default_config(tvm_target(spec))
+        return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(self.template.Config)}
 
 
 def _kind(func, spec) -> str | None:
@@ -161,7 +168,7 @@ class TuningLog:
         """key -> the fastest valid record."""
         best: dict[str, dict] = {}
         for r in self.records(template_versions(), log):
-            if math.isfinite(r["us"]) and (r["key"] not in best or r["us"] < best[r["key"]]["us"]):
+            if r["us"] < FAILED_US and (r["key"] not in best or r["us"] < best[r["key"]]["us"]):
                 best[r["key"]] = r
         return best
 
@@ -244,24 +251,16 @@ def measure(task: Task, config: dict, spec: dict, dev, repeat: int = 7) -> float
     if spec["kind"] != "cuda":
         ev = lib.mod.time_evaluator("main", dev, number=1, repeat=repeat)
         return float(np.median(ev(*args).results)) * 1e6
-    # GPU: back-to-back launches, each on its own copy of the weights (more than 3x the L2 in all), so
-    # the kernel reads HBM as it will in a model; the host enqueues faster than these kernels run.
+    # GPU: 24 launches captured in a CUDA graph, each on its own copy of the weights (more than 3x the
+    # L2 in all) so the kernel reads HBM as in a model; see compiler/timing.py for why not a host loop
+    from .timing import graph_time
+
     weights = [i for i, p in enumerate(mod["main"].params) if p.name in ("qweight", "scales", "zeros")]
     per_copy = sum(args[i].numpy().nbytes for i in weights)
     copies = [args] + [[_inputs(mod["main"], task.m, dev, rng)[i] if i in weights else a
                         for i, a in enumerate(args)] for _ in range(max(1, -(-3 * L2_BYTES // per_copy)) - 1)]
     f = lib["main"]
-    for c in copies[:2]:
-        f(*c)  # warm up: module load
-    times = []
-    for _ in range(repeat):
-        dev.sync()
-        t0 = time.perf_counter()
-        for c in copies * max(1, 64 // len(copies)):
-            f(*c)
-        dev.sync()
-        times.append((time.perf_counter() - t0) / (len(copies) * max(1, 64 // len(copies))))
-    return float(np.median(times)) * 1e6
+    return graph_time([lambda c=copies[i % len(copies)]: f(*c) for i in range(24)], reps=repeat) * 1e6
 
 
 # -- search ------------------------------------------------------------------------------------------
@@ -275,7 +274,7 @@ def propose(space: list[dict], measured: dict[str, float], batch: int, rng: rand
     todo = [c for c in space if json.dumps(c, sort_keys=True) not in measured]
     if len(todo) <= batch:
         return todo
-    done = [(json.loads(k), us) for k, us in measured.items() if math.isfinite(us)]
+    done = [(json.loads(k), us) for k, us in measured.items() if us < FAILED_US]
     if len(done) < 4:
         return rng.sample(todo, batch)
     import xgboost
@@ -313,7 +312,8 @@ def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bo
     for ti, task in enumerate(tasks, 1):
         space = task.space()
         measured = dict(previous.get(task.key, {}))
-        first = [task.default()] if json.dumps(task.default(), sort_keys=True) not in measured else []
+        default = task.default(spec)
+        first = [default] if json.dumps(default, sort_keys=True) not in measured else []
         n_new = 0
         while n_new < budget[task.key]:
             cands = first or propose(space, measured, batch, rng)
@@ -329,20 +329,20 @@ def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bo
                 key = json.dumps(cfg, sort_keys=True)
                 measured[key] = us
                 log_.append({"key": task.key, "kind": task.kind, "version": versions.get(task.kind, 1),
-                             "arch": log_.arch, "m": task.m, "config": cfg, "us": us if math.isfinite(us) else 1e30,
+                             "arch": log_.arch, "m": task.m, "config": cfg, "us": us if math.isfinite(us) else 10 * FAILED_US,
                              "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
                 n_new += 1
                 done_trials += 1
-                fin = {k: v for k, v in measured.items() if math.isfinite(v) and v < 1e29}
+                fin = {k: v for k, v in measured.items() if v < FAILED_US}
                 bk = min(fin, key=fin.get) if fin else None
                 left = sum(budget.values()) - done_trials
                 eta = (time.perf_counter() - t_start) / done_trials * max(left, 0)
                 out(f"[{ti}/{len(tasks)}] {task.key}  trial {n_new}/{budget[task.key]}  "
                     f"best {fin[bk]:.2f} us {bk}  ETA {eta:.0f} s" if bk else
                     f"[{ti}/{len(tasks)}] {task.key}  trial {n_new}/{budget[task.key]}  no valid config yet")
-        fin = {k: v for k, v in measured.items() if math.isfinite(v) and v < 1e29}
+        fin = {k: v for k, v in measured.items() if v < FAILED_US}
         if fin:
             bk = min(fin, key=fin.get)
-            default_us = measured.get(json.dumps(task.default(), sort_keys=True))
+            default_us = measured.get(json.dumps(default, sort_keys=True))
             best[task.key] = {"config": json.loads(bk), "us": fin[bk], "default_us": default_us}
     return best

@@ -48,3 +48,7 @@ class Int4MatmulCPU(CPUScheduleRule):
 
 def rule():
     return Int4MatmulCPU()
+
+
+def default_config(target) -> Config:
+    return Config()

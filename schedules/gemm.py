@@ -407,3 +407,8 @@ class GEMM(ScheduleRule):
 
 def rule():
     return GEMM()
+
+
+def default_config(target) -> Config:
+    """The untuned large-m config for a target (what a tuning record replaces; tuning measures it first)."""
+    return config_for(target).large

@@ -209,3 +209,8 @@ class GEMV(ScheduleRule):
 
 def rule():
     return GEMV()
+
+
+def default_config(target) -> Config:
+    """The untuned config for a target (what tuning measures first and must beat)."""
+    return config_for(target)

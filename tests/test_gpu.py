@@ -77,14 +77,11 @@ def test_wrong_arch_is_refused(tmp_path):
         nibble.load(other)
 
 
-def test_cubin_is_real_machine_code_per_cuobjdump(tmp_path):
-    """An independent check of compiler.cuda.cubin_archs: cuobjdump reads the embedded cubin's SASS."""
+def test_cubin_loads_as_machine_code(tmp_path):
+    """An independent check of compiler.cuda.cubin_archs: the CUDA driver loads the embedded cubin."""
     import shutil
     import struct
     import subprocess
-
-    if shutil.which("cuobjdump") is None:
-        pytest.skip("no cuobjdump")
     models.onnx_gemm(tmp_path / "g.onnx")
     art = nibble.compile_model(tmp_path / "g.onnx", target="cuda", output=tmp_path / "g.nibble", log=print)
     blob = (art / "lib.so").read_bytes()
@@ -92,14 +89,34 @@ def test_cubin_is_real_machine_code_per_cuobjdump(tmp_path):
     while pos != -1 and struct.unpack_from("<H", blob, pos + 18)[0] != 190:
         pos = blob.find(b"\x7fELF", pos + 4)
     assert pos != -1
-    # the ELF's size: section headers end at e_shoff + e_shnum * e_shentsize
-    shoff, = struct.unpack_from("<Q", blob, pos + 40)
-    shentsize, shnum = struct.unpack_from("<HH", blob, pos + 58)
-    (tmp_path / "k.cubin").write_bytes(blob[pos:pos + shoff + shentsize * shnum])
-    r = subprocess.run(["cuobjdump", "--dump-sass", str(tmp_path / "k.cubin")], capture_output=True, text=True)
-    assert r.returncode == 0, r.stderr
-    assert "arch = sm_90" in r.stdout or gpu_arch() != "sm_90"
-    assert "Function : int4_matmul" in r.stdout
+    # the ELF's extent: the furthest of its section data, section headers and program headers
+    phoff, shoff = struct.unpack_from("<QQ", blob, pos + 32)
+    phentsize, phnum, shentsize, shnum = struct.unpack_from("<HHHH", blob, pos + 54)
+    end = max(shoff + shentsize * shnum, phoff + phentsize * phnum)
+    for i in range(shnum):
+        sh = pos + shoff + i * shentsize
+        sh_type, = struct.unpack_from("<I", blob, sh + 4)
+        off, size = struct.unpack_from("<QQ", blob, sh + 24)
+        if sh_type != 8:  # SHT_NOBITS occupies no file bytes
+            end = max(end, off + size)
+    cubin = blob[pos:pos + end]
+    # the driver loads it as machine code for this GPU (an ELF is never JIT-compiled PTX), and it holds
+    # our kernels
+    import ctypes
+    import re
+
+    torch.zeros(1, device="cuda")  # a current context
+    cuda = ctypes.CDLL("libcuda.so.1")
+    mod, fn = ctypes.c_void_p(), ctypes.c_void_p()
+    assert cuda.cuModuleLoadData(ctypes.byref(mod), ctypes.c_char_p(cubin)) == 0
+    names = set(re.findall(rb"(int4_matmul\w*?_kernel)\x00", cubin))
+    assert names
+    for name in names:
+        assert cuda.cuModuleGetFunction(ctypes.byref(fn), mod, name) == 0, name
+    if shutil.which("cuobjdump"):  # for the log: what the disassembler says
+        (tmp_path / "k.cubin").write_bytes(cubin)
+        r = subprocess.run(["cuobjdump", "--dump-sass", str(tmp_path / "k.cubin")], capture_output=True, text=True)
+        print(r.stdout[:2000], r.stderr[:500])
 
 
 def test_generate_on_cuda_matches_torch_greedy(tmp_path):
@@ -117,12 +134,16 @@ def test_generate_on_cuda_matches_torch_greedy(tmp_path):
 
 
 def test_tune_on_cuda_and_compile_applies_records(tmp_path, capsys):
+    import json
+
     from nibble.cli import main
 
     models.onnx_gemm(tmp_path / "g.onnx", k=256, n1=256, n2=128)
     log = tmp_path / "sm.jsonl"
     assert main(["tune", str(tmp_path / "g.onnx"), "--target", "cuda", "--trials", "6", "--log", str(log)]) == 0
-    assert log.read_text().count("\n") == 6
+    lines = log.read_text().splitlines()
+    assert len(lines) >= 6  # (every task gets at least its template default measured)
+    assert all(json.loads(l)["arch"] == gpu_arch() for l in lines)
     assert main(["compile", str(tmp_path / "g.onnx"), "--target", "cuda", "--tuning-log", str(log),
                  "-o", str(tmp_path / "g.nibble")]) == 0
     out = capsys.readouterr().out

@@ -128,3 +128,24 @@ def test_apply_records_without_log_is_a_no_op(mlp):
     mod, _, _ = quantize_linears(imp.mod, imp.params)
     same, applied = apply_records(mod, SPEC, None)
     assert same is mod and applied == {}
+
+
+def test_failed_candidates_are_never_applied(tmp_path):
+    log = tmp_path / "f.jsonl"
+    rec = {"key": "a:cpu", "kind": "cpu", "version": 1, "arch": SPEC["mcpu"], "m": 16,
+           "config": {"n_chunk": 16, "k_split": 1}, "us": 1e30}
+    log.write_text(json.dumps(rec) + "\n")
+    assert TuningLog(log, SPEC).best() == {}
+
+
+def test_tuning_starts_from_the_templates_arch_default():
+    """The baseline a tune must beat is what compile uses untuned: the per-arch default."""
+    from compiler.int4_kernel import int4_matmul_func
+    from compiler.quantize import QuantConfig
+    from compiler.target import tvm_target
+    from compiler.tuning import Task
+    from schedules import gemm
+
+    cuda = resolve("cuda", "sm_90")
+    task = Task("k:gemm", int4_matmul_func(256, 256, QuantConfig()), "gemm", 512)
+    assert task.default(cuda) == vars(gemm.config_for(tvm_target(cuda)).large)
