@@ -28,7 +28,7 @@ from tvm import relax, tirx
 
 from .int4_kernel import ATTR
 
-KERNEL_ATTR = "nibble.kernel"  # = schedules.gemv.KERNEL_ATTR
+KERNEL_ATTR = "nibble.kernel"  # = schedules.template.KERNEL_ATTR
 ROWS_ATTR = "nibble.rows"  # = schedules.gemv.ROWS_ATTR
 # m <= 4 runs the GEMV (bucket = the next power of two >= m, so a copy never does more than 2x the
 # token work). Chosen from the H200 measurements (benchmarks/results/): past m = 4 this CUDA-core

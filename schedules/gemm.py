@@ -39,10 +39,7 @@ from __future__ import annotations
 import dataclasses
 from string import Template
 
-from tvm.s_tir.dlight.base import ScheduleRule
-
-ATTR = "nibble.int4"  # = compiler.int4_kernel.ATTR (not imported: schedules must not need compiler/)
-KERNEL_ATTR = "nibble.kernel"  # "gemv" | "gemm", set by compiler/dispatch.py on its copies
+from .template import ATTR, KERNEL_ATTR, TemplateRule
 CONFIG_ATTR = "nibble.config"  # = compiler.tuning.CONFIG_ATTR: a tuned Config for the large-m launch
 VERSION = 1  # bump when the template changes meaning: tuning records of other versions are ignored
 
@@ -375,34 +372,21 @@ def gemm_func(attrs: dict, arch: ArchConfig, source_only: bool = False):
     return tvm.script.from_source(src)
 
 
-class GEMM(ScheduleRule):
+class GEMM(TemplateRule):
     """dlight-style rule: the "gemm"-tagged copy of our int4 kernel -> the tensor-core GEMM above."""
+
+    kind = "gemm"
 
     def __init__(self, config: ArchConfig | None = None):
         self.config = config
 
-    def apply(self, func, target, tunable):
-        import tvm
-
-        attrs = func.attrs
-        if attrs is None or ATTR not in attrs or KERNEL_ATTR not in attrs:
-            return None
-        if str(attrs[KERNEL_ATTR]) != "gemm" or target.kind.name != "cuda":
-            return None
+    def build(self, func, attrs, target):
         arch = self.config or config_for(target)
         if CONFIG_ATTR in attrs:  # tuned (at a prefill m past small_m_max): configures the large launch
             from compiler.tuning import config_from
 
             arch = dataclasses.replace(arch, large=config_from(func, Config, arch.large))
-        kernel = gemm_func(attrs[ATTR], arch)
-        if kernel is None:
-            return None
-        # keep the original's attrs (global_symbol, nibble.*) on the replacement
-        kernel = kernel.with_attr({str(key): val for key, val in attrs.items()})
-        return tvm.s_tir.Schedule(kernel)
-
-    def is_target_available(self, target) -> bool:
-        return target.kind.name == "cuda"
+        return gemm_func(attrs[ATTR], arch)
 
 
 def rule():

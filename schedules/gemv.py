@@ -38,10 +38,7 @@ import dataclasses
 import math
 from string import Template
 
-from tvm.s_tir.dlight.base import ScheduleRule
-
-ATTR = "nibble.int4"  # = compiler.int4_kernel.ATTR (not imported: schedules must not need compiler/)
-KERNEL_ATTR = "nibble.kernel"  # "gemv" | "gemm", set by compiler/dispatch.py on its copies
+from .template import ATTR, KERNEL_ATTR, TemplateRule
 ROWS_ATTR = "nibble.rows"  # the token bucket B a "gemv" copy serves (m <= B)
 
 
@@ -179,32 +176,19 @@ def gemv_func(attrs: dict, rows: int, cfg: Config):
     return func
 
 
-class GEMV(ScheduleRule):
+class GEMV(TemplateRule):
     """dlight-style rule: the "gemv"-tagged copies of our int4 kernel -> the batched GEMV above."""
+
+    kind = "gemv"
 
     def __init__(self, config: Config | None = None):
         self.config = config
 
-    def apply(self, func, target, tunable):
-        import tvm
-
-        attrs = func.attrs
-        if attrs is None or ATTR not in attrs or KERNEL_ATTR not in attrs:
-            return None
-        if str(attrs[KERNEL_ATTR]) != "gemv" or target.kind.name != "cuda":
-            return None
+    def build(self, func, attrs, target):
         from compiler.tuning import config_from
 
         cfg = config_from(func, Config, self.config or config_for(target))  # a tuned record wins
-        kernel = gemv_func(attrs[ATTR], int(attrs[ROWS_ATTR]), cfg)
-        if kernel is None:
-            return None
-        # keep the original's attrs (global_symbol, nibble.*) on the replacement
-        kernel = kernel.with_attr({str(key): val for key, val in attrs.items()})
-        return tvm.s_tir.Schedule(kernel)
-
-    def is_target_available(self, target) -> bool:
-        return target.kind.name == "cuda"
+        return gemv_func(attrs[ATTR], int(attrs[ROWS_ATTR]), cfg)
 
 
 def rule():

@@ -1,0 +1,36 @@
+"""What our template rules share: take one tagged copy of the int4 kernel, emit a hand-written kernel.
+
+The dispatch pass (compiler/dispatch.py) tags copies of each int4 PrimFunc "nibble.kernel" = "gemv" |
+"gemm"; a template rule takes the copies of its kind on CUDA, builds its kernel for them (or declines
+with None, leaving the function to dlight) and keeps the original's attrs (global_symbol, nibble.*).
+"""
+from __future__ import annotations
+
+from tvm.s_tir.dlight.base import ScheduleRule
+
+ATTR = "nibble.int4"  # = compiler.int4_kernel.ATTR (not imported: schedules must not need compiler/)
+KERNEL_ATTR = "nibble.kernel"  # "gemv" | "gemm", set by compiler/dispatch.py on its copies
+
+
+class TemplateRule(ScheduleRule):
+    kind = ""  # the "nibble.kernel" tag this rule takes
+
+    def build(self, func, attrs, target):
+        """The replacement PrimFunc for `func`, or None to decline."""
+        raise NotImplementedError
+
+    def apply(self, func, target, tunable):
+        import tvm
+
+        attrs = func.attrs
+        if attrs is None or ATTR not in attrs or KERNEL_ATTR not in attrs:
+            return None
+        if str(attrs[KERNEL_ATTR]) != self.kind or target.kind.name != "cuda":
+            return None
+        kernel = self.build(func, attrs, target)
+        if kernel is None:
+            return None
+        return tvm.s_tir.Schedule(kernel.with_attr({str(key): val for key, val in attrs.items()}))
+
+    def is_target_available(self, target) -> bool:
+        return target.kind.name == "cuda"
