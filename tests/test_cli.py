@@ -269,3 +269,69 @@ def test_onnx_with_external_data(tmp_path, capsys):
     (tmp_path / "ext" / "m.weights").unlink()
     code, _, err = run_cli(capsys, "compile", tmp_path / "ext" / "m.onnx", "--target", "llvm")
     assert code == 1 and "m.onnx" in err
+
+
+# -- more error paths: each names what is wrong ----------------------------------------------------
+
+@pytest.mark.parametrize("make,msg", [
+    (lambda p: (p / "m.pt2").write_bytes(b"not a zip"), "m.pt2: not a readable torch.export program"),
+    (lambda p: (p / "m.tflite").write_bytes(b"x"), "unknown model format '.tflite'"),
+    (lambda p: (p / "m.onnx").mkdir(), "is a directory"),
+])
+def test_bad_model_files(tmp_path, capsys, make, msg):
+    make(tmp_path)
+    name = next(p.name for p in tmp_path.iterdir())
+    code, _, err = run_cli(capsys, "compile", tmp_path / name, "--target", "llvm")
+    assert code == 1 and msg in err, err
+
+
+def test_missing_tuning_log(tmp_path, capsys):
+    models.onnx_mlp(tmp_path / "m.onnx")
+    code, _, err = run_cli(capsys, "compile", tmp_path / "m.onnx", "--target", "llvm", "--tuning-log",
+                           tmp_path / "none.jsonl")
+    assert code == 1 and "--tuning-log" in err and "none.jsonl: no such file" in err
+
+
+@pytest.mark.skipif(gpu_arch() is not None, reason="this machine has a GPU")
+def test_tune_for_cuda_needs_that_gpu(tmp_path, capsys):
+    models.onnx_mlp(tmp_path / "m.onnx")
+    code, _, err = run_cli(capsys, "tune", tmp_path / "m.onnx", "--target", "cuda", "--arch", "sm_90")
+    assert code == 1 and "tuning measures on the GPU: this machine has no GPU, not sm_90" in err
+
+
+def test_output_folder_that_is_not_an_artifact_is_kept(tmp_path, capsys):
+    models.onnx_mlp(tmp_path / "m.onnx")
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "precious.txt").write_text("mine")
+    code, _, err = run_cli(capsys, "compile", tmp_path / "m.onnx", "--target", "llvm", "-o", tmp_path / "taken")
+    assert code == 1 and "exists and is not a nibble artifact; not overwriting it" in err
+    assert (tmp_path / "taken" / "precious.txt").read_text() == "mine"
+
+
+def test_recompile_replaces_an_artifact(mlp_artifact, tmp_path, capsys):
+    import nibble
+
+    art = _copy(mlp_artifact, tmp_path)
+    models.onnx_mlp(tmp_path / "m.onnx")
+    code, _, err = run_cli(capsys, "compile", tmp_path / "m.onnx", "--target", "llvm", "--group-size", "64",
+                           "-o", art)
+    assert code == 0, err
+    assert nibble.load(art).manifest["quantization"]["group_size"] == 64
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["copy.nibble", "m.onnx"]  # no temp or backup left
+
+
+def test_artifact_for_another_cpu_is_refused(mlp_artifact, monkeypatch):
+    import compiler.target
+    import nibble
+
+    monkeypatch.setattr(compiler.target, "_host_cpu", lambda: {})
+    with pytest.raises(nibble.NibbleError, match="built for CPUs with x86-64-v3"):
+        nibble.load(mlp_artifact)
+
+
+@pytest.mark.parametrize("argv,msg", [
+    (["--input", "x"], "--input 'x': expected NAME=FILE.npy"),
+])
+def test_bad_run_arguments(mlp_artifact, capsys, argv, msg):
+    code, _, err = run_cli(capsys, "run", mlp_artifact, *argv)
+    assert code == 1 and msg in err, err

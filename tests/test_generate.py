@@ -123,3 +123,18 @@ def test_manifest_keeps_onnx_input_names(fp32_artifact):
     empty = {f"past_key_values.{i}.{kv}": np.zeros((1, 2, 0, 32), np.float32) for i in range(2) for kv in ("key", "value")}
     out = m(input_ids=ids, **empty)
     assert out[0].shape == (1, 2, 96) and out[1].shape == (1, 2, 2, 32)
+
+
+def test_generate_argument_errors(fp32_artifact, capsys):
+    assert main(["generate", str(fp32_artifact), "--prompt-ids", "1,2", "--prompt-ids", "3"]) == 1
+    assert "same length" in capsys.readouterr().err
+    assert main(["generate", str(fp32_artifact), "--prompt-ids", "1,x"]) == 1
+    assert "comma-separated integers" in capsys.readouterr().err
+
+
+def test_past_shapes_that_do_not_match_the_model(fp32_artifact):
+    """Feeding a cache with the wrong head count is caught before anything runs, naming the input."""
+    m = nibble.load(fp32_artifact)
+    bad = {f"past_key_values.{i}.{kv}": np.zeros((1, 3, 0, 32), np.float32) for i in range(2) for kv in ("key", "value")}
+    with pytest.raises(nibble.NibbleError, match="input 'past_key_values.0.key': dim 1 is pinned to 2, got 3"):
+        m(input_ids=np.zeros((1, 2), np.int64), **bad)
