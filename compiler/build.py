@@ -30,10 +30,9 @@ def relax_pipeline(target):
     import tvm
     from tvm import relax
     from tvm.relax.backend.cuda import pipeline as cuda
+    from tvm.s_tir import dlight as dl
 
     from schedules import gpu_rules
-
-    from tvm.s_tir import dlight as dl
 
     legalize = [
         relax.transform.LegalizeOps(),

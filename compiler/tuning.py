@@ -33,11 +33,11 @@ from pathlib import Path
 
 import numpy as np
 
+from .dispatch import KERNEL_ATTR, ROWS_ATTR
 from .errors import NibbleError
 from .int4_kernel import ATTR
 
 CONFIG_ATTR = "nibble.config"  # PrimFunc attr: the Config fields a rule must use for this function
-KERNEL_ATTR, ROWS_ATTR = "nibble.kernel", "nibble.rows"  # set by compiler/dispatch.py
 TEMPLATES = {"gemv": "schedules.gemv", "gemm": "schedules.gemm", "cpu": "schedules.cpu"}
 DEFAULT_DIR = Path(os.environ.get("NIBBLE_TUNING_LOGS", Path(__file__).resolve().parents[1] / "tuning_logs"))
 PREFILL_M = 512  # token count the (single) GEMM copy is tuned at
@@ -157,7 +157,8 @@ class TuningLog:
                 other[r["arch"]] = other.get(r["arch"], 0) + 1
                 continue
             if versions and r.get("version") != versions.get(r.get("kind")):
-                other[f"{r.get('kind')} template v{r.get('version')}"] = other.get(f"{r.get('kind')} template v{r.get('version')}", 0) + 1
+                what = f"{r.get('kind')} template v{r.get('version')}"
+                other[what] = other.get(what, 0) + 1
                 continue
             out.append(r)
         for what, n in other.items():
@@ -210,22 +211,17 @@ def config_from(func, Config, default):
 
 # -- measuring ---------------------------------------------------------------------------------------
 
-def _inputs(func, m: int, dev, rng):
-    """Random arguments for one call at m tokens (weights random bits, small scales, zeros = 8)."""
+def _random_arg(buf, m: int, rng) -> np.ndarray:
+    """Random data for one kernel argument at m tokens (weights random bits, small scales, zeros = 8)."""
     import tvm
 
-    arrays = []
-    for buf in func.params:  # TVM 0.27: params are typed buffers (name, shape, dtype)
-        shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else m for d in buf.shape]
-        dt = str(buf.dtype)
-        if dt == "uint32":
-            a = rng.integers(0, 2**32, shape, dtype=np.uint64).astype(np.uint32)
-        elif buf.name == "zeros":
-            a = np.full(shape, 8, dt)
-        else:
-            a = (rng.standard_normal(shape) * (0.02 if buf.name == "scales" else 1.0)).astype(dt)
-        arrays.append(tvm.runtime.tensor(a, dev))
-    return arrays
+    shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else m for d in buf.shape]
+    dt = str(buf.dtype)
+    if dt == "uint32":
+        return rng.integers(0, 2**32, shape, dtype=np.uint64).astype(np.uint32)
+    if buf.name == "zeros":
+        return np.full(shape, 8, dt)
+    return (rng.standard_normal(shape) * (0.02 if buf.name == "scales" else 1.0)).astype(dt)
 
 
 def measure(task: Task, config: dict, spec: dict, dev, repeat: int = 7) -> float:
@@ -247,7 +243,9 @@ def measure(task: Task, config: dict, spec: dict, dev, repeat: int = 7) -> float
         return float("inf")  # the template declined this config
     lib = tvm.compile(mod, target=target)
     rng = np.random.default_rng(0)
-    args = _inputs(mod["main"], task.m, dev, rng)
+    params = list(mod["main"].params)  # TVM 0.27: typed buffers (name, shape, dtype)
+    host = [_random_arg(p, task.m, rng) for p in params]
+    args = [tvm.runtime.tensor(a, dev) for a in host]
     if spec["kind"] != "cuda":
         ev = lib.mod.time_evaluator("main", dev, number=1, repeat=repeat)
         return float(np.median(ev(*args).results)) * 1e6
@@ -255,15 +253,23 @@ def measure(task: Task, config: dict, spec: dict, dev, repeat: int = 7) -> float
     # L2 in all) so the kernel reads HBM as in a model; see compiler/timing.py for why not a host loop
     from .timing import graph_time
 
-    weights = [i for i, p in enumerate(mod["main"].params) if p.name in ("qweight", "scales", "zeros")]
-    per_copy = sum(args[i].numpy().nbytes for i in weights)
-    copies = [args] + [[_inputs(mod["main"], task.m, dev, rng)[i] if i in weights else a
-                        for i, a in enumerate(args)] for _ in range(max(1, -(-3 * L2_BYTES // per_copy)) - 1)]
+    weights = [i for i, p in enumerate(params) if p.name in ("qweight", "scales", "zeros")]
+    per_copy = sum(host[i].nbytes for i in weights)
+    copies = [args]
+    for _ in range(max(1, -(-3 * L2_BYTES // per_copy)) - 1):
+        copies.append([tvm.runtime.tensor(_random_arg(params[i], task.m, rng), dev) if i in weights else a
+                       for i, a in enumerate(args)])
     f = lib["main"]
     return graph_time([lambda c=copies[i % len(copies)]: f(*c) for i in range(24)], reps=repeat) * 1e6
 
 
 # -- search ------------------------------------------------------------------------------------------
+
+def _fastest(measured: dict[str, float]) -> str | None:
+    """The measured config (its JSON key) with the lowest time that did not fail, or None."""
+    ok = {k: v for k, v in measured.items() if v < FAILED_US}
+    return min(ok, key=ok.get) if ok else None
+
 
 def _features(cfg: dict) -> list[float]:
     return [math.log2(v) if isinstance(v, (int, float)) and v > 0 else float(v) for v in cfg.values()]
@@ -333,16 +339,13 @@ def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bo
                              "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
                 n_new += 1
                 done_trials += 1
-                fin = {k: v for k, v in measured.items() if v < FAILED_US}
-                bk = min(fin, key=fin.get) if fin else None
+                bk = _fastest(measured)
                 left = sum(budget.values()) - done_trials
                 eta = (time.perf_counter() - t_start) / done_trials * max(left, 0)
-                out(f"[{ti}/{len(tasks)}] {task.key}  trial {n_new}/{budget[task.key]}  "
-                    f"best {fin[bk]:.2f} us {bk}  ETA {eta:.0f} s" if bk else
-                    f"[{ti}/{len(tasks)}] {task.key}  trial {n_new}/{budget[task.key]}  no valid config yet")
-        fin = {k: v for k, v in measured.items() if v < FAILED_US}
-        if fin:
-            bk = min(fin, key=fin.get)
+                status = f"best {measured[bk]:.2f} us {bk}  ETA {eta:.0f} s" if bk else "no valid config yet"
+                out(f"[{ti}/{len(tasks)}] {task.key}  trial {n_new}/{budget[task.key]}  {status}")
+        bk = _fastest(measured)
+        if bk:
             default_us = measured.get(json.dumps(default, sort_keys=True))
-            best[task.key] = {"config": json.loads(bk), "us": fin[bk], "default_us": default_us}
+            best[task.key] = {"config": json.loads(bk), "us": measured[bk], "default_us": default_us}
     return best

@@ -64,6 +64,15 @@ def _as_tensor(bb, x):
     return x
 
 
+def _data_as_tensor(bb, inputs, literal_shapes: bool = False):
+    """`inputs` with input 0 turned into a 1-D int64 tensor when it is a shape value whose dims are
+    unknown (and, with literal_shapes, a literal ShapeExpr too): TVM's converters expect tensors there."""
+    x = inputs[0]
+    if _is_shape_value(x) or (literal_shapes and isinstance(x, relax.ShapeExpr)):
+        return _tvm.onnx_input([_as_tensor(bb, x)] + list(inputs[1:]))
+    return inputs
+
+
 def _shape_known(x) -> bool:
     ty = getattr(x, "ty", None)
     return isinstance(ty, relax.TensorType) and ty.shape is not None
@@ -134,9 +143,7 @@ class Slice(_tvm.Slice):
 
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
-        if _is_shape_value(inputs[0]):
-            inputs = _tvm.onnx_input([_as_tensor(bb, inputs[0])] + list(inputs[1:]))
-        return super()._impl_v13(bb, inputs, attr, params)
+        return super()._impl_v13(bb, _data_as_tensor(bb, inputs), attr, params)
 
 
 class Gather(_tvm.Gather):
@@ -144,9 +151,7 @@ class Gather(_tvm.Gather):
 
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
-        if _is_shape_value(inputs[0]):
-            inputs = _tvm.onnx_input([_as_tensor(bb, inputs[0])] + list(inputs[1:]))
-        return super()._impl_v13(bb, inputs, attr, params)
+        return super()._impl_v13(bb, _data_as_tensor(bb, inputs), attr, params)
 
 
 class Unsqueeze(_tvm.Unsqueeze):
@@ -154,9 +159,7 @@ class Unsqueeze(_tvm.Unsqueeze):
 
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
-        if isinstance(inputs[0], relax.ShapeExpr) or _is_shape_value(inputs[0]):
-            inputs = _tvm.onnx_input([_as_tensor(bb, inputs[0])] + list(inputs[1:]))
-        return super()._impl_v13(bb, inputs, attr, params)
+        return super()._impl_v13(bb, _data_as_tensor(bb, inputs, literal_shapes=True), attr, params)
 
 
 class Squeeze(_tvm.Squeeze):
@@ -164,9 +167,7 @@ class Squeeze(_tvm.Squeeze):
 
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
-        if _is_shape_value(inputs[0]):
-            inputs = _tvm.onnx_input([_as_tensor(bb, inputs[0])] + list(inputs[1:]))
-        return super()._impl_v13(bb, inputs, attr, params)
+        return super()._impl_v13(bb, _data_as_tensor(bb, inputs), attr, params)
 
 
 class Concat(_tvm.Concat):
