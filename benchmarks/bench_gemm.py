@@ -8,7 +8,8 @@ Shapes: Llama-2-7B linears (N <- K) 12288<-4096 (qkv), 4096<-4096 (o), 22016<-40
 Numerics first (NaN-poisoned outputs, fresh random inputs, relative error vs an fp32 reference of the
 dequantized weights, also at M = 17, 333 and with zero points + bias), then timing: CUDA events around
 single launches, each after a 512 MiB write that evicts the L2 (see time_fn), median of 40.
---variants also times other tile configs of the GEMM (for the per-arch defaults in schedules/gemm.py).
+--variants also times other tile configs of the GEMM (for the per-arch defaults in schedules/gemm.py;
+a variant replaces the tile of every bucket, the split stays automatic).
 Writes gemm_<gpu>.md / .json to --out (default benchmarks/results) and prints the table last.
 """
 from __future__ import annotations
@@ -76,25 +77,35 @@ def register_nvcc(arch: str):
 
 
 def build(func, target, rule):
-    """Compile one PrimFunc scheduled by `rule` ("nibble" ArchConfig or "dlight") -> callable."""
+    """Compile one PrimFunc scheduled by `rule` ("nibble" ArchConfig or "dlight") -> callable. For
+    nibble: the GEMM bucket copies of compiler.dispatch.ROUTES + the unbounded one, and the callable runs
+    the copy the dispatch would run for x's row count (as a compiled model does)."""
     import tvm
 
-    func = func.with_attr({"global_symbol": "main", "nibble.kernel": "gemm"})
     if rule == "dlight":
         from tvm.s_tir import dlight as dl
 
-        mod = tvm.IRModule({"main": func})
+        mod = tvm.IRModule({"main": func.with_attr({"global_symbol": "main", "nibble.kernel": "gemm"})})
         with target:
             mod = dl.ApplyDefaultSchedule(dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Fallback())(mod)
-    else:
-        from schedules.gemm import GEMM
+        return tvm.compile(mod, target=target)["main"]
+    from compiler.dispatch import ROUTES, bucket_copy, kernel_for
+    from schedules.gemm import GEMM
 
-        sch = GEMM(rule).apply(func, target, False)
+    funcs = {}
+    for rows, kind in [(r, k) for r, k in ROUTES if k == "gemm"] + [(None, "gemm")]:
+        name = f"gemm{'' if rows is None else rows}"
+        sch = GEMM(rule).apply(bucket_copy(func, name, rows, kind), target, False)
         if sch is None:
             return None
-        mod = sch.mod
-    ex = tvm.compile(mod, target=target)
-    return ex["main"]
+        funcs[name] = sch.mod["main"].with_attr("global_symbol", name)
+    ex = tvm.compile(tvm.IRModule(funcs), target=target)
+    fns = {name: ex[name] for name in funcs}
+
+    def routed(x, *rest):
+        return fns[kernel_for(int(x.shape[0]))](x, *rest)
+
+    return routed
 
 
 def dequant_torch(q, s, k, g):
@@ -149,7 +160,7 @@ def main(argv=None):
     from compiler.int4_kernel import int4_matmul_func
     from compiler.quantize import QuantConfig
     from compiler.target import resolve, tvm_target
-    from schedules.gemm import ArchConfig, config_for
+    from schedules.gemm import config_for
 
     torch.backends.cuda.matmul.allow_tf32 = False
     arch = "sm_" + "".join(map(str, torch.cuda.get_device_capability()))
@@ -230,7 +241,7 @@ def main(argv=None):
             if args.variants and m in (200, 2048):
                 for label, c in variants().items():
                     try:
-                        fv = build(f, target, ArchConfig(small=c, large=c, max_smem=default.max_smem))
+                        fv = build(f, target, dataclasses.replace(default, tiles=(), large=c))
                     except Exception as e:  # a variant that does not compile is a result too
                         var_rows.append({"shape": f"{n}<-{k}", "m": m, "config": label, "error": str(e)[-300:]})
                         continue
@@ -250,8 +261,8 @@ def main(argv=None):
     meta = {"device": gpu, "arch": arch, "date": datetime.datetime.now().isoformat(timespec="seconds"),
             "torch": torch.__version__, "cuda": torch.version.cuda, "tvm": tvm.__version__,
             "python": platform.python_version(), "group_size": g, "defaults": {
-                "small": dataclasses.asdict(default.small), "large": dataclasses.asdict(default.large),
-                "small_m_max": default.small_m_max},
+                "tiles": [[m_max, dataclasses.asdict(c)] for m_max, c in default.tiles],
+                "large": dataclasses.asdict(default.large)},
             "method": "median of 40 single launches timed with CUDA events, each after a 512 MiB "
                       "write that evicts the 60 MiB L2 (weights and x from HBM)"}
     out = Path(args.out)
@@ -275,7 +286,7 @@ def main(argv=None):
         md.append(f"| {c['shape']} | {c['m']} | {c.get('kernel', 'nibble')} | "
                   f"{c['rel_err']:.2e}{' NaN!' if c['nan'] else ''} |")
     if var_rows:
-        md += ["", "Tile variants (both launches set to the variant):", "",
+        md += ["", "Tile variants (every bucket copy set to the variant, automatic split):", "",
                "| shape | M | config | us | TFLOP/s | vs cuBLAS |", "|---|---|---|---|---|---|"]
         for v in var_rows:
             if "us" in v:

@@ -1,18 +1,28 @@
 """One int4 (W4A16, group 128, fp16 scales) linear on the GPU: nibble vs the alternatives, per shape and M.
 
     python benchmarks/bench_linear.py [--out DIR] [--shapes 4096x4096,...] [--ms 1,2,...]
+    python benchmarks/bench_linear.py --candidates [--out DIR]     # every bucket copy at every M
 
 Columns (median of CUDA-graph replays, each launch on its own weight copy so weights come from HBM:
 enough copies rotate to exceed 3x the 60 MiB L2):
   copy     a device-to-device copy moving the same bytes as the int4 kernel (read + write counted =
            qweight + scales + x + y), timed the same way: the floor the targets are measured against
-  nibble   our build: the GEMV copy for M <= 16 (its token bucket, as compiler/dispatch.py picks),
-           the dlight-Matmul GEMM copy above
-  dlight   TVM's stock dlight rules on the same PrimFunc, m made static (its best case)
+  nibble   our build: the bucket copy compiler/dispatch.py runs at this M (column "kernel": gemv4,
+           gemm16, ..., gemm = the unbounded copy)
+  dlight   TVM's stock dlight rules on the same PrimFunc, m made static (its best case; not with
+           --candidates: its first tensor-core schedule costs 30+ s and it has been measured)
   cublas   torch F.linear with the fp16 weight (4x the bytes)
   tinygemm torch._weight_int4pack_mm (torch's int4 kernel; bf16 activations, as it requires)
+--candidates (default M = 1,2,4,8,16,32,200) also times, at each M, every copy of
+dispatch.CANDIDATES that can serve it (GEMV buckets 1..16, GEMM buckets 16..256, the unbounded GEMM),
+and the smallest GEMM bucket serving M with each split_k of --splits (its tile fixed): the data that
+sets dispatch.ROUTES and schedules/gemm.py's split rule. It also checks every candidate copy at every M
+on a 4096->4096 linear with zero points and bias.
 Before timing, every kernel is checked on fresh random inputs with a NaN-poisoned output against
-x @ dequantize(W)^T in fp32 (rel. L2 error). Writes bench_linear.json / .md to --out.
+x @ W^T in fp32 with W the exact dequantized weight (rel. L2 error; the issue's bound is 2e-3); the
+exit status is 1 if any nibble kernel misses it. Weights are random packed nibbles and scales made on
+the GPU. Kernels for the shapes are compiled in parallel worker processes (--jobs). Writes
+bench_linear.json / .md (--candidates: bench_linear_candidates.*) to --out, after every shape.
 """
 from __future__ import annotations
 
@@ -23,58 +33,162 @@ import math
 import os
 import platform
 import sys
+import tempfile
 import time
 from pathlib import Path
-
-import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 SHAPES = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)]  # Llama-2-7B (K, N)
 MS = [1, 2, 4, 8, 16, 32, 200, 2048]
+CANDIDATE_MS = [1, 2, 4, 8, 16, 32, 200]
+SPLITS = (1, 2, 4, 8, 16)  # split_k values timed for the GEMM buckets with --candidates
+GROUP = 128
 L2_BYTES = 60 * 2**20
 ROTATE_BYTES = 3 * L2_BYTES  # weight copies in rotation exceed this, so each launch reads HBM
 # GEMV config variants timed beside the default (name -> Config overrides), at the M's of VARIANT_MS
 VARIANTS = {"ts2": dict(rows_per_thread=2), "ts8": dict(rows_per_thread=8)}
 VARIANT_MS = (1, 4)
 LAUNCHES = 24  # launches captured per CUDA graph (at least one pass over the copies)
+ERR_MAX = 2e-3  # issue 3's bound on the relative error at K = 4096
+CHECK = (4096, 4096)  # (K, N) of the zero points + bias check with --candidates
+DEVICE = "cuda"  # torch device of every tensor (a CPU smoke test of this script swaps it)
 
 
-def build_kernels(k, n, ms, target):
-    """{name: tvm function}: nibble's GEMV buckets + GEMM copy, and static-m stock-dlight copies."""
+# -- building (in worker processes) -----------------------------------------------------------------
+
+@dataclasses.dataclass(frozen=True)
+class Job:
+    """One module to compile: the kernels of one linear shape."""
+
+    k: int
+    n: int
+    ms: tuple  # token counts that will be measured
+    candidates: bool  # every dispatch candidate copy + split variants (else: the routed copies)
+    splits: tuple = ()
+    dlight: bool = True
+    symmetric: bool = True
+    bias: bool = False
+    numerics_only: bool = False  # the zero points + bias check: copies only, no variants
+    only_splits: bool = False  # just the split_k variants (a module of their own: builds in parallel)
+
+
+def split_variant_copies(m: int) -> str | None:
+    """The GEMM bucket whose split variants are timed at m: the smallest GEMM candidate serving it."""
+    from compiler.dispatch import CANDIDATES
+
+    return next((f"gemm{r}" for r, kind in CANDIDATES if kind == "gemm" and r is not None and m <= r), None)
+
+
+def kernel_funcs(job: Job, target) -> dict:
+    """{global symbol: tagged or static-m PrimFunc} for one job (what dispatch would make, and more)."""
+    from compiler.dispatch import CANDIDATES, bucket_copy, candidates_for, kernel_for
+    from compiler.int4_kernel import int4_matmul_func
+    from compiler.quantize import QuantConfig
+    from compiler.tuning import CONFIG_ATTR
+    from schedules import gemm
+
+    base = int4_matmul_func(job.n, job.k, QuantConfig(GROUP, job.symmetric), has_bias=job.bias)
+    names = {kernel_for(m) for m in job.ms}
+    if job.candidates:
+        names |= {c for m in job.ms for c in candidates_for(m)}
+    bounds = {f"{kind}{'' if r is None else r}": (r, kind) for r, kind in CANDIDATES}
+    bounds.update({kernel_for(m): _bound(kernel_for(m)) for m in job.ms})
+    funcs = {name: bucket_copy(base, name, *bounds[name]) for name in sorted(names)}
+    if job.only_splits:
+        copies, funcs = funcs, {}
+    else:
+        copies = funcs
+    if job.candidates and job.splits and not job.numerics_only:
+        arch = gemm.config_for(target)
+        attrs = dict(base.attrs["nibble.int4"])
+        for copy in sorted({split_variant_copies(m) for m in job.ms} - {None}):
+            rows = bounds[copy][0]
+            tile = gemm.tile_for(arch, job.n, rows)
+            auto = gemm.checked_plan(attrs, arch, rows)
+            for s in job.splits:
+                tuned = dataclasses.replace(tile, split_k=s)
+                if auto is None or s == auto[1] or gemm.checked_plan(attrs, arch, rows, tuned) is None:
+                    continue
+                name = f"{copy}_s{s}"
+                funcs[name] = copies[copy].with_attr({"global_symbol": name,
+                                                      CONFIG_ATTR: dataclasses.asdict(tuned)})
+    if not job.candidates and not job.only_splits:
+        from schedules.gemv import GEMV, config_for
+
+        for vname, over in VARIANTS.items():
+            rule = GEMV(dataclasses.replace(config_for(target), **over))
+            for m in VARIANT_MS:
+                copy = kernel_for(m)
+                if m in job.ms and copy.startswith("gemv"):
+                    sch = rule.apply(funcs[copy], target, False)
+                    if sch is not None:
+                        funcs[f"{copy}_{vname}"] = sch.mod["main"].with_attr(
+                            {"global_symbol": f"{copy}_{vname}", "tirx.is_scheduled": True})
+    if job.dlight and not job.only_splits:
+        for m in job.ms:
+            funcs[f"dlight_m{m}"] = _static_m(job.n, job.k, m).with_attr(
+                {"global_symbol": f"dlight_m{m}", "nibble.stock": True})
+    return funcs
+
+
+def _bound(copy: str):
+    kind, rows = copy[:4], copy[4:]
+    return (int(rows) if rows else None), kind
+
+
+def build(job: Job, out_dir: str) -> tuple[str, list[str], dict]:
+    """Compile a job's kernels into a shared library in out_dir: (path, kernel names, labels)."""
     import tvm
     from tvm.s_tir import dlight as dl
 
-    from compiler.dispatch import BUCKETS, KERNEL_ATTR, ROWS_ATTR
-    from compiler.int4_kernel import int4_matmul_func
-    from compiler.quantize import QuantConfig
-    from schedules import gpu_rules
+    from compiler.cuda import ensure_cuda_runtime, register_nvcc_callback
+    from compiler.target import resolve, tvm_target
+    from compiler.tuning import CONFIG_ATTR, config_from
+    from schedules import gemm, gpu_rules
 
-    base = int4_matmul_func(n, k, QuantConfig(128, True))
-    funcs = {f"gemv{b}": base.with_attr({KERNEL_ATTR: "gemv", ROWS_ATTR: b}) for b in BUCKETS}
-    funcs["gemm"] = base.with_attr(KERNEL_ATTR, "gemm")
-    stock = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(),
-             dl.gpu.Fallback()]
-    stock_mod = tvm.IRModule({f"dlight_m{m}": _static_m(n, k, m).with_attr("global_symbol", f"dlight_m{m}")
-                              for m in ms})
-    ours = tvm.IRModule({name: f.with_attr("global_symbol", name) for name, f in funcs.items()})
-    from schedules.gemv import GEMV, Config, config_for
-
-    variants = {}
-    for vname, over in VARIANTS.items():
-        rule = GEMV(dataclasses.replace(config_for(target), **over))
-        for b in BUCKETS:
-            if b in VARIANT_MS:
-                name = f"gemv{b}_{vname}"
-                variants[name] = rule.apply(funcs[f"gemv{b}"], target, False).mod["main"].with_attr(
-                    {"global_symbol": name, "tirx.is_scheduled": True})
-    ours.update(tvm.IRModule(variants))
+    ensure_cuda_runtime()
+    register_nvcc_callback("sm_90")
+    target = tvm_target(resolve("cuda", "sm_90"))
+    funcs = kernel_funcs(job, target)
+    if not funcs:
+        return None, [], {}
+    labels = {}  # what each GEMM copy runs: tile and split (for the tables)
+    arch = gemm.config_for(target)
+    for name, f in funcs.items():
+        if str(f.attrs.get("nibble.kernel", "")) == "gemm":
+            attrs = f.attrs["nibble.int4"]
+            rows = int(f.attrs["nibble.rows"]) if "nibble.rows" in f.attrs else None
+            tile = gemm.tile_for(arch, int(attrs["n"]), rows)
+            tuned = config_from(f, gemm.Config, tile) if CONFIG_ATTR in f.attrs else None
+            plan = gemm.checked_plan(attrs, arch, rows, tuned)
+            labels[name] = f"{plan[0].label()} split {plan[1]}" if plan else "dlight"
+    stock = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
+    ours = tvm.IRModule({k: f for k, f in funcs.items() if "nibble.stock" not in f.attrs})
+    theirs = tvm.IRModule({k: f.without_attr("nibble.stock") for k, f in funcs.items() if "nibble.stock" in f.attrs})
     with target:
         ours = dl.ApplyDefaultSchedule(*gpu_rules(target))(ours)
-        stock_mod = dl.ApplyDefaultSchedule(*stock)(stock_mod)
-    mod = tvm.IRModule({**dict(ours.functions_items()), **dict(stock_mod.functions_items())})
-    rt = tvm.compile(mod, target=target)
-    return {name.name_hint: rt[name.name_hint] for name in mod.get_global_vars()}
+        if len(theirs.functions_items()):
+            theirs = dl.ApplyDefaultSchedule(*stock)(theirs)
+    mod = tvm.IRModule({**dict(ours.functions_items()), **dict(theirs.functions_items())})
+    lib = tvm.compile(mod, target=target)
+    path = str(Path(out_dir) / (f"k{job.k}_n{job.n}{'' if job.symmetric else '_asym'}"
+                                f"{'_bias' if job.bias else ''}{'_splits' if job.only_splits else ''}.so"))
+    lib.export_library(path)
+    return path, sorted(funcs), labels
+
+
+def build_all(jobs: list[Job], workers: int) -> list:
+    """build() every job, `workers` processes at once (spawned, not forked: a fork of a process with
+    TVM's thread pools loaded can deadlock; the parent has not touched the GPU yet)."""
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    out = tempfile.mkdtemp(prefix="nibble-bench-")
+    if workers <= 1:
+        return [build(j, out) for j in jobs]
+    with cf.ProcessPoolExecutor(max_workers=workers, mp_context=mp.get_context("spawn")) as pool:
+        return list(pool.map(build, jobs, [out] * len(jobs)))
 
 
 def _static_m(n, k, m):
@@ -94,15 +208,32 @@ def _static_m(n, k, m):
 
     ik.tirx = _StaticM()
     try:
-        return ik.int4_matmul_func(n, k, QuantConfig(128, True))
+        return ik.int4_matmul_func(n, k, QuantConfig(GROUP, True))
     finally:
         ik.tirx = real
 
 
-def nibble_kernel_for(m):
-    from compiler.dispatch import BUCKETS
+# -- measuring -------------------------------------------------------------------------------------
 
-    return next((f"gemv{b}" for b in BUCKETS if m <= b), "gemm")
+def random_weights(n, k, symmetric=True, bias=False, seed=0):
+    """Random packed int4 weights made on the GPU (torch): {qweight, scales[, zeros][, bias]} and the
+    exact fp32 W[N, K] they dequantize to ((nibble - zero) * scale, as compiler.quantize.dequantize)."""
+    import torch
+
+    g = torch.Generator(device=DEVICE).manual_seed(seed)
+    q = torch.randint(-2**31, 2**31 - 1, (n, k // 8), dtype=torch.int32, device=DEVICE, generator=g)
+    s = (torch.rand(n, k // GROUP, device=DEVICE, generator=g) * 0.004 + 0.001).half()
+    parts = {"qweight": q.view(torch.uint32), "scales": s}
+    z = torch.full_like(s, 8.0)
+    if not symmetric:
+        z = torch.randint(0, 16, s.shape, device=DEVICE, generator=g).half()
+        parts["zeros"] = z
+    if bias:
+        parts["bias"] = torch.randn(n, device=DEVICE, generator=g).half()
+    shifts = torch.arange(0, 32, 4, device=DEVICE, dtype=torch.int32)
+    nib = ((q[:, :, None] >> shifts) & 15).reshape(n, k)
+    w = (nib.float() - z.float().repeat_interleave(GROUP, 1)) * s.float().repeat_interleave(GROUP, 1)
+    return parts, w, nib
 
 
 def graph_time(fn_list, torch=None, reps=15):
@@ -118,132 +249,298 @@ def rel_err(y, ref):
     return float((y - ref).norm() / ref.norm())
 
 
+def nibble_kernel_for(m):
+    from compiler.dispatch import kernel_for
+
+    return kernel_for(m)
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--shapes", default=",".join(f"{k}x{n}" for k, n in SHAPES))
-    ap.add_argument("--ms", default=",".join(map(str, MS)))
+    ap.add_argument("--ms", default=None, help=f"default {MS}; with --candidates {CANDIDATE_MS}")
+    ap.add_argument("--candidates", action="store_true",
+                    help="time every dispatch candidate copy at every M (and GEMM split_k variants)")
+    ap.add_argument("--splits", default=",".join(map(str, SPLITS)), help="split_k variants with --candidates")
+    ap.add_argument("--no-dlight", action="store_true", help="skip stock dlight (implied by --candidates)")
+    ap.add_argument("--name", default=None, help="output file stem (default bench_linear, with "
+                    "--candidates bench_linear_candidates): NAME.json / NAME.md in --out")
+    ap.add_argument("--jobs", type=int, default=max(1, (os.cpu_count() or 2) - 2),
+                    help="parallel compile processes (at most one per module)")
     args = ap.parse_args()
     shapes = [tuple(int(v) for v in s.split("x")) for s in args.shapes.split(",")]
-    ms = [int(v) for v in args.ms.split(",")]
+    ms = [int(v) for v in (args.ms or ",".join(map(str, CANDIDATE_MS if args.candidates else MS))).split(",")]
+    splits = tuple(int(v) for v in args.splits.split(",") if v) if args.candidates else ()
+    dlight = not (args.no_dlight or args.candidates)
+    out = Path(args.out)
+    stem = args.name or ("bench_linear_candidates" if args.candidates else "bench_linear")
+
+    t_start = time.time()
+    # one module per shape (its split variants in a second one), compiled in parallel: nvcc dominates
+    jobs = [Job(k, n, tuple(ms), args.candidates, (), dlight) for k, n in shapes]
+    if splits:
+        jobs += [Job(k, n, tuple(ms), True, splits, False, only_splits=True) for k, n in shapes]
+    if args.candidates:
+        jobs.append(Job(*CHECK, tuple(ms), True, (), False, symmetric=False, bias=True, numerics_only=True))
+    workers = min(args.jobs, len(jobs))
+    built = build_all(jobs, workers)  # before torch takes the GPU: plain CPU processes
+    t_built = time.time() - t_start
+    print(f"compiled {len(jobs)} modules ({sum(len(b[1]) for b in built)} kernels) in {t_built:.0f} s "
+          f"with {workers} processes", flush=True)
 
     import torch
     import tvm
-    import torch.nn.functional as F
 
-    from compiler.cuda import ensure_cuda_runtime, register_nvcc_callback
-    from compiler.quantize import QuantConfig, dequantize, quantize
-    from compiler.target import resolve, tvm_target
+    from compiler.cuda import ensure_cuda_runtime
 
     ensure_cuda_runtime()
-    register_nvcc_callback("sm_90")
-    target = tvm_target(resolve("cuda", "sm_90"))
-    dev = torch.device("cuda")
     torch.manual_seed(0)
-    rows, meta = [], {
+    torch.backends.cuda.matmul.allow_tf32 = False  # the fp32 reference must be fp32, not TF32
+    meta = {
         "device": torch.cuda.get_device_name(0), "torch": torch.__version__, "tvm": tvm.__version__,
         "cuda": torch.version.cuda, "date": time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()),
-        "host": platform.node(), "method": "median of 15 CUDA-graph replays of %d launches, "
+        "host": platform.node(), "mode": "candidates" if args.candidates else "default",
+        "compile_s": round(t_built, 1), "method": "median of 15 CUDA-graph replays of %d launches, "
         "weights rotated over > %d MiB" % (LAUNCHES, ROTATE_BYTES >> 20)}
     print(json.dumps(meta), flush=True)
-    cfg = QuantConfig(128, True)
-    for k, n in shapes:
-        t0 = time.time()
-        kernels = build_kernels(k, n, ms, target)
-        rng = np.random.default_rng(k + n)
-        w = (rng.standard_normal((n, k), dtype=np.float32) * 0.02)
-        parts = quantize(w, cfg)
-        w_deq = torch.from_numpy(dequantize(parts, k, cfg)).to(dev)  # fp32 [N, K]
-        sc = torch.from_numpy(parts["scales"]).to(dev)
-        wbytes = parts["qweight"].nbytes + parts["scales"].nbytes
-        copies = max(2, math.ceil(ROTATE_BYTES / wbytes))
-        tdev = tvm.cuda(0)  # the packed weight as TVM tensors: torch's uint32 support is partial
-        wargs = [(tvm.runtime.tensor(parts["qweight"], device=tdev), tvm.runtime.tensor(parts["scales"], device=tdev))
-                for _ in range(copies)]
-        w16 = w_deq.half()
-        w16s = [w16.clone() for _ in range(max(2, math.ceil(ROTATE_BYTES / (w16.numel() * 2))))]
-        # torch's int4 kernel: uint8 [N, K/2] (two nibbles per byte, even k in the high nibble)
-        tiny = None
-        try:
-            from compiler.quantize import unpack_int4
-
-            q = torch.from_numpy(unpack_int4(parts["qweight"], k).astype(np.int32)).to(dev)
-            packed_u8 = ((q[:, ::2] << 4) | q[:, 1::2]).to(torch.uint8)
-            wp = torch._convert_weight_to_int4pack(packed_u8, 8)
-            s_bf = sc.to(torch.bfloat16).t().contiguous()  # [K/G, N]
-            sz = torch.stack([s_bf, torch.zeros_like(s_bf)], dim=2)  # w = (q - 8) * s + 0
-            tiny = [(wp.clone(), sz.clone()) for _ in range(max(2, math.ceil(ROTATE_BYTES / (wp.numel() * wp.element_size()))))]
-        except Exception as e:  # noqa: BLE001
-            print(f"tinygemm unavailable: {e!r}"[:300], flush=True)
-        print(f"K={k} N={n}: built + quantized in {time.time() - t0:.1f} s; {copies} weight copies", flush=True)
-        to_tvm = tvm.runtime.from_dlpack
-        for m in ms:
-            row = {"K": k, "N": n, "M": m}
-            x = torch.randn(m, k, device=dev, dtype=torch.float16)
-            ref = x.float() @ w_deq.t()
-            y = torch.full((m, n), float("nan"), device=dev, dtype=torch.float16)
-            nib, dl_name = kernels[nibble_kernel_for(m)], f"dlight_m{m}"
-            tx, ty = to_tvm(x), to_tvm(y)
-            # -- numerics (fresh inputs, poisoned outputs) --
-            nib(tx, wargs[0][0], wargs[0][1], ty)
-            torch.cuda.synchronize()
-            row["err_nibble"] = rel_err(y, ref)
-            y.fill_(float("nan"))
-            kernels[dl_name](tx, wargs[0][0], wargs[0][1], ty)
-            torch.cuda.synchronize()
-            row["err_dlight"] = rel_err(y, ref)
-            row["err_cublas"] = rel_err(F.linear(x, w16), ref)
-            xb = x.to(torch.bfloat16)
-            if tiny is not None:
-                try:
-                    row["err_tinygemm"] = rel_err(torch._weight_int4pack_mm(xb, tiny[0][0], 128, tiny[0][1]), ref)
-                except Exception as e:  # noqa: BLE001
-                    print(f"tinygemm failed: {e!r}"[:300], flush=True)
-                    tiny = None
-            # -- timing --
-            mbytes = wbytes + (m * k + m * n) * 2
-            half = mbytes // 2 // 2  # fp16 elements: a copy reading + writing mbytes in total
-            cps = max(2, math.ceil(ROTATE_BYTES / (2 * half)))
-            srcs = [torch.randn(half, device=dev, dtype=torch.float16) for _ in range(cps)]
-            dsts = [torch.empty_like(s) for s in srcs]
-            sel = lambda lst: [lst[i % len(lst)] for i in range(LAUNCHES)]  # noqa: E731
-            row["t_copy"] = graph_time([lambda s=s, d=d: d.copy_(s) for s, d in sel(list(zip(srcs, dsts)))], torch)
-            row["t_nibble"] = graph_time([lambda a=a: nib(tx, a[0], a[1], ty) for a in sel(wargs)], torch)
-            row["t_dlight"] = graph_time([lambda a=a: kernels[dl_name](tx, a[0], a[1], ty) for a in sel(wargs)], torch)
-            row["t_cublas"] = graph_time([lambda w_=w_: F.linear(x, w_) for w_ in sel(w16s)], torch)
-            if tiny is not None:
-                row["t_tinygemm"] = graph_time(
-                    [lambda t=t: torch._weight_int4pack_mm(xb, t[0], 128, t[1]) for t in sel(tiny)], torch)
-            for vname in VARIANTS if m in VARIANT_MS else ():
-                vk = kernels[f"{nibble_kernel_for(m)}_{vname}"]
-                y.fill_(float("nan"))
-                vk(tx, wargs[0][0], wargs[0][1], ty)
-                torch.cuda.synchronize()
-                row[f"err_{vname}"] = rel_err(y, ref)
-                row[f"t_{vname}"] = graph_time([lambda a=a, vk=vk: vk(tx, a[0], a[1], ty) for a in sel(wargs)], torch)
-            del srcs, dsts
-            row["bytes"] = mbytes
-            row["GBps_nibble"] = mbytes / row["t_nibble"] / 1e9
-            row["TFLOPs_nibble"] = 2 * m * n * k / row["t_nibble"] / 1e12
-            rows.append(row)
-            print(_line(row), flush=True)
-        write(Path(args.out), meta, rows)  # after every shape: a run cut short keeps what it measured
-        del w16s, tiny, wargs, kernels
+    rows, checks = [], []
+    for job, (path, names, labels) in zip(jobs, built):
+        if job.only_splits:
+            continue  # measured with its shape's copies
+        libs = [tvm.runtime.load_module(path)]
+        kernels = {name: libs[0][name] for name in names}
+        for other, (opath, onames, olabels) in zip(jobs, built):
+            if (other.only_splits and opath and (other.k, other.n) == (job.k, job.n)
+                    and not job.numerics_only):
+                libs.append(tvm.runtime.load_module(opath))
+                kernels.update({name: libs[-1][name] for name in onames})
+                labels = {**labels, **olabels}
+        if job.numerics_only:
+            checks += check_numerics(job, kernels, labels)
+        else:
+            rows += measure_shape(job, kernels, labels, meta)
+        write(out, meta, rows, checks, stem)  # after every shape: a run cut short keeps what it measured
+        del kernels, libs
         torch.cuda.empty_cache()
-    write(Path(args.out), meta, rows)
-    print((Path(args.out) / "bench_linear.md").read_text())
+    meta["total_s"] = round(time.time() - t_start, 1)
+    write(out, meta, rows, checks, stem)
+    print((out / f"{stem}.md").read_text())
+    bad = [(r["K"], r["N"], r["M"], name, err) for r in rows for name, err in _nibble_errs(r)
+           if not err <= ERR_MAX]
+    bad += [(c["K"], c["N"], c["M"], c["kernel"] + " asym+bias", c["err"]) for c in checks if not c["err"] <= ERR_MAX]
+    for b in bad:
+        print("NUMERICS FAILED (K, N, M, kernel, rel. error):", b)
+    return 1 if bad else 0
 
 
-def write(out, meta, rows):
+def check_numerics(job: Job, kernels: dict, labels: dict) -> list[dict]:
+    """Every compiled copy at every M it serves (zero points + bias): rel. error vs fp32."""
+    import torch
+    import tvm
+
+    from compiler.dispatch import candidates_for
+
+    parts, w, _ = random_weights(job.n, job.k, job.symmetric, job.bias, seed=1)
+    order = [p for p in ("qweight", "scales", "zeros", "bias") if p in parts]
+    wargs = [tvm.runtime.from_dlpack(parts[p]) for p in order]
+    out = []
+    for m in job.ms:
+        x = torch.randn(m, job.k, device=DEVICE, dtype=torch.float16)
+        ref = x.float() @ w.t() + (parts["bias"].float() if job.bias else 0)
+        for name in candidates_for(m):
+            if name not in kernels:
+                continue
+            y = torch.full((m, job.n), float("nan"), device=DEVICE, dtype=torch.float16)
+            kernels[name](tvm.runtime.from_dlpack(x), *wargs, tvm.runtime.from_dlpack(y))
+            torch.cuda.synchronize()
+            out.append({"K": job.k, "N": job.n, "M": m, "kernel": name, "what": "asym+bias",
+                        "config": labels.get(name, ""), "err": rel_err(y, ref)})
+        print(f"check K={job.k} N={job.n} asym+bias M={m}: " + " ".join(
+            f"{c['kernel']} {c['err']:.1e}" for c in out if c["M"] == m), flush=True)
+    return out
+
+
+def measure_shape(job: Job, kernels: dict, labels: dict, meta: dict) -> list[dict]:
+    """Numerics, then times of every kernel of one shape at every M (one row per M)."""
+    import torch
+    import torch.nn.functional as F
+    import tvm
+
+    from compiler.dispatch import candidates_for, kernel_for
+
+    k, n = job.k, job.n
+    t0 = time.time()
+    parts, w_deq, nib = random_weights(n, k)
+    q, sc = parts["qweight"], parts["scales"]
+    wbytes = q.numel() * 4 + sc.numel() * 2
+    copies = max(2, math.ceil(ROTATE_BYTES / wbytes))
+    wargs = [(tvm.runtime.from_dlpack(q), tvm.runtime.from_dlpack(sc))]
+    keep = [(q, sc)]  # the torch tensors behind the TVM views stay alive
+    for _ in range(copies - 1):
+        keep.append((q.clone(), sc.clone()))
+        wargs.append((tvm.runtime.from_dlpack(keep[-1][0]), tvm.runtime.from_dlpack(keep[-1][1])))
+    w16 = w_deq.half()
+    w16s = [w16] + [w16.clone() for _ in range(max(2, math.ceil(ROTATE_BYTES / (w16.numel() * 2))) - 1)]
+    tiny = None  # torch's int4 kernel: uint8 [N, K/2] (two nibbles per byte, even k in the high nibble)
+    try:
+        packed_u8 = ((nib[:, ::2] << 4) | nib[:, 1::2]).to(torch.uint8)
+        wp = torch._convert_weight_to_int4pack(packed_u8, 8)
+        s_bf = sc.to(torch.bfloat16).t().contiguous()  # [K/G, N]
+        sz = torch.stack([s_bf, torch.zeros_like(s_bf)], dim=2)  # w = (q - 8) * s + 0
+        tiny = [(wp.clone(), sz.clone()) for _ in range(max(2, math.ceil(ROTATE_BYTES / (wp.numel() * wp.element_size()))))]
+    except Exception as e:  # noqa: BLE001
+        print(f"tinygemm unavailable: {e!r}"[:300], flush=True)
+    del nib
+    print(f"K={k} N={n}: weights made in {time.time() - t0:.1f} s; {copies} weight copies", flush=True)
+    to_tvm = tvm.runtime.from_dlpack
+    sel = lambda lst: [lst[i % len(lst)] for i in range(LAUNCHES)]  # noqa: E731
+    rows = []
+    for m in job.ms:
+        route = kernel_for(m)
+        row = {"K": k, "N": n, "M": m, "kernel": route, "config": labels.get(route, "")}
+        x = torch.randn(m, k, device=DEVICE, dtype=torch.float16)
+        ref = x.float() @ w_deq.t()
+        y = torch.full((m, n), float("nan"), device=DEVICE, dtype=torch.float16)
+        tx, ty = to_tvm(x), to_tvm(y)
+
+        def run(fn):  # numerics (fresh inputs, poisoned output), then the time
+            y.fill_(float("nan"))
+            fn(tx, wargs[0][0], wargs[0][1], ty)
+            torch.cuda.synchronize()
+            err = rel_err(y, ref)
+            return err, graph_time([lambda a=a: fn(tx, a[0], a[1], ty) for a in sel(wargs)], torch)
+
+        row["err_nibble"], row["t_nibble"] = run(kernels[route])
+        if f"dlight_m{m}" in kernels:
+            row["err_dlight"], row["t_dlight"] = run(kernels[f"dlight_m{m}"])
+        row["err_cublas"] = rel_err(F.linear(x, w16), ref)
+        xb = x.to(torch.bfloat16)
+        if tiny is not None:
+            try:
+                row["err_tinygemm"] = rel_err(torch._weight_int4pack_mm(xb, tiny[0][0], GROUP, tiny[0][1]), ref)
+            except Exception as e:  # noqa: BLE001
+                print(f"tinygemm failed: {e!r}"[:300], flush=True)
+                tiny = None
+        mbytes = wbytes + (m * k + m * n) * 2
+        half = mbytes // 2 // 2  # fp16 elements: a copy reading + writing mbytes in total
+        cps = max(2, math.ceil(ROTATE_BYTES / (2 * half)))
+        srcs = [torch.randn(half, device=DEVICE, dtype=torch.float16) for _ in range(cps)]
+        dsts = [torch.empty_like(s) for s in srcs]
+        row["t_copy"] = graph_time([lambda s=s, d=d: d.copy_(s) for s, d in sel(list(zip(srcs, dsts)))], torch)
+        del srcs, dsts
+        row["t_cublas"] = graph_time([lambda w_=w_: F.linear(x, w_) for w_ in sel(w16s)], torch)
+        if tiny is not None:
+            row["t_tinygemm"] = graph_time(
+                [lambda t=t: torch._weight_int4pack_mm(xb, t[0], GROUP, t[1]) for t in sel(tiny)], torch)
+        for vname in VARIANTS:  # GEMV config variants (default mode)
+            if f"{route}_{vname}" in kernels and m in VARIANT_MS:
+                row[f"err_{vname}"], row[f"t_{vname}"] = run(kernels[f"{route}_{vname}"])
+        if job.candidates:
+            row["cand"] = {}
+            for name in candidates_for(m):
+                if name in kernels:
+                    err, t = (row["err_nibble"], row["t_nibble"]) if name == route else run(kernels[name])
+                    row["cand"][name] = {"us": t * 1e6, "err": err, "config": labels.get(name, "")}
+            copy = split_variant_copies(m)
+            row["splits"] = {}
+            for name in sorted(kernels):
+                if copy and name.startswith(copy + "_s"):
+                    err, t = run(kernels[name])
+                    row["splits"][name] = {"us": t * 1e6, "err": err, "config": labels.get(name, "")}
+            if copy in row["cand"]:
+                row["splits"][copy] = dict(row["cand"][copy])  # the auto split, for comparison
+        row["bytes"] = mbytes
+        row["GBps_nibble"] = mbytes / row["t_nibble"] / 1e9
+        row["TFLOPs_nibble"] = 2 * m * n * k / row["t_nibble"] / 1e12
+        rows.append(row)
+        print(_line(row), flush=True)
+    del w16s, tiny, wargs, keep
+    return rows
+
+
+# -- reporting -------------------------------------------------------------------------------------
+
+def write(out, meta, rows, checks=(), stem="bench_linear"):
     out.mkdir(parents=True, exist_ok=True)
-    (out / "bench_linear.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / f"{stem}.json").write_text(json.dumps({"meta": meta, "rows": rows, "checks": list(checks)},
+                                                      indent=1))
     md = [f"# int4 linear on {meta['device']} ({meta['date']})", "",
           f"torch {meta['torch']}, CUDA {meta['cuda']}, TVM {meta['tvm']}; {meta['method']}.", "",
-          "us per call; x copy = time / same-bytes copy time; cuBLAS/nibble = speedup over cuBLAS fp16", "",
-          "| K->N | M | copy us | nibble us | nibble x copy | GB/s | TFLOP/s | cuBLAS us | cuBLAS/nibble | "
-          "tinygemm us | dlight us | err nibble |", "|" + "---|" * 12]
+          "us per call; x copy = time / same-bytes copy time; cuBLAS/nibble = speedup over cuBLAS fp16; "
+          "kernel = the copy compiler/dispatch.py runs at this M", "",
+          "| K->N | M | kernel | copy us | nibble us | nibble x copy | GB/s | TFLOP/s | cuBLAS us | cuBLAS/nibble | "
+          "tinygemm us | dlight us | err nibble |", "|" + "---|" * 13]
     md += [_md(r) for r in rows]
-    (out / "bench_linear.md").write_text("\n".join(md) + "\n")
+    cand_rows = [r for r in rows if r.get("cand")]
+    if cand_rows:
+        names = []
+        for r in cand_rows:
+            names += [c for c in r["cand"] if c not in names]
+        md += ["", "## Every bucket copy that can serve M (us; * = the routed copy; best vs cuBLAS fp16)", "",
+               "| K->N | M | cuBLAS us | " + " | ".join(names) + " | best | best/cuBLAS |",
+               "|" + "---|" * (len(names) + 5)]
+        for r in cand_rows:
+            best = min(r["cand"], key=lambda c: r["cand"][c]["us"])
+            cells = [(f"{r['cand'][c]['us']:.1f}" + ("*" if c == r["kernel"] else "")) if c in r["cand"] else ""
+                     for c in names]
+            md.append(f"| {r['K']}->{r['N']} | {r['M']} | {r['t_cublas'] * 1e6:.1f} | " + " | ".join(cells)
+                      + f" | {best} | {r['t_cublas'] * 1e6 / r['cand'][best]['us']:.2f} |")
+        md += ["", "Best copy per M, summed over the shapes (what dispatch.ROUTES should say):", ""]
+        for m in sorted({r["M"] for r in cand_rows}):
+            tot = {}
+            for r in cand_rows:
+                if r["M"] == m:
+                    for c, v in r["cand"].items():
+                        tot.setdefault(c, []).append(v["us"])
+            full = {c: sum(v) for c, v in tot.items() if len(v) == max(map(len, tot.values()))}
+            ranked = sorted(full, key=full.get)
+            md.append(f"- M={m}: " + ", ".join(f"{c} {full[c]:.1f} us" for c in ranked[:4])
+                      + f" (routed: {next(r['kernel'] for r in cand_rows if r['M'] == m)})")
+        md += ["", "GEMM copies (tile, K split) per shape:", ""]
+        for shape in sorted({(r["K"], r["N"]) for r in cand_rows}):
+            cfgs = {c: v["config"] for r in cand_rows if (r["K"], r["N"]) == shape for c, v in r["cand"].items()
+                    if v["config"]}
+            md.append(f"- {shape[0]}->{shape[1]}: " + "; ".join(f"{c} {cfgs[c]}" for c in sorted(cfgs, key=_order)))
+        split_rows = [r for r in cand_rows if r.get("splits")]
+        if split_rows:
+            md += ["", "## split_k of the smallest GEMM bucket serving M (us; tile fixed; * = the auto split)", "",
+                   "| K->N | M | copy | " + " | ".join(f"split {s}" for s in SPLITS) + " |",
+                   "|" + "---|" * (len(SPLITS) + 3)]
+            for r in split_rows:
+                copy = split_variant_copies(r["M"])
+                by_split = {}
+                for name, v in r["splits"].items():
+                    s = int(v["config"].rsplit("split ", 1)[1]) if "split " in v["config"] else None
+                    by_split[s] = f"{v['us']:.1f}" + ("*" if name == copy else "")
+                md.append(f"| {r['K']}->{r['N']} | {r['M']} | {copy} ({r['cand'].get(copy, {}).get('config', '')}) | "
+                          + " | ".join(by_split.get(s, "") for s in SPLITS) + " |")
+    errs = [err for r in rows for _, err in _nibble_errs(r)]
+    if errs:
+        worst = max(errs, key=lambda e: math.inf if math.isnan(e) else e)
+        md += ["", f"Numerics: max rel. error of every nibble kernel timed above {worst:.1e} "
+               f"(bound {ERR_MAX:g}; NaN counts as a miss)."]
+    if checks:
+        md += ["", "## Zero points + bias: every bucket copy at every M it serves (rel. error)", "",
+               "| K->N | M | " + " | ".join(sorted({c["kernel"] for c in checks}, key=_order)) + " |",
+               "|" + "---|" * (2 + len({c["kernel"] for c in checks}))]
+        for m in sorted({c["M"] for c in checks}):
+            got = {c["kernel"]: c["err"] for c in checks if c["M"] == m}
+            md.append(f"| {checks[0]['K']}->{checks[0]['N']} | {m} | " + " | ".join(
+                _fmt(got.get(name), "{:.1e}") if name in got else "" for name in
+                sorted({c["kernel"] for c in checks}, key=_order)) + " |")
+    (out / f"{stem}.md").write_text("\n".join(md) + "\n")
+
+
+def _nibble_errs(r) -> list:
+    """(kernel, rel. error) of every nibble kernel run for a row (not cuBLAS, tinygemm or dlight)."""
+    out = [(r["kernel"], r["err_nibble"])] + [(v, r[f"err_{v}"]) for v in VARIANTS if f"err_{v}" in r]
+    return out + [(c, v["err"]) for key in ("cand", "splits") for c, v in r.get(key, {}).items()]
+
+
+def _order(name):
+    rows, kind = _bound(name)
+    return (kind == "gemm", rows if rows is not None else 1 << 30)
 
 
 def _fmt(v, f="{:.1f}"):
@@ -252,20 +549,23 @@ def _fmt(v, f="{:.1f}"):
 
 def _line(r):
     us = lambda key: _fmt(r.get(key) and r[key] * 1e6)  # noqa: E731
-    return (f"K={r['K']:5d} N={r['N']:5d} M={r['M']:4d} copy {us('t_copy')} nibble {us('t_nibble')} "
-            f"dlight {us('t_dlight')} cublas {us('t_cublas')} tinygemm {us('t_tinygemm')} | err nibble "
-            f"{r['err_nibble']:.1e} dlight {r['err_dlight']:.1e} cublas {r['err_cublas']:.1e} tiny "
-            f"{_fmt(r.get('err_tinygemm'), '{:.1e}')}"
-            + "".join(f" | {v} {us('t_' + v)} ({r['err_' + v]:.0e})" for v in VARIANTS if "t_" + v in r))
+    s = (f"K={r['K']:5d} N={r['N']:5d} M={r['M']:4d} copy {us('t_copy')} nibble[{r['kernel']}] {us('t_nibble')} "
+         f"dlight {us('t_dlight')} cublas {us('t_cublas')} tinygemm {us('t_tinygemm')} | err nibble "
+         f"{r['err_nibble']:.1e} cublas {r['err_cublas']:.1e} tiny {_fmt(r.get('err_tinygemm'), '{:.1e}')}"
+         + "".join(f" | {v} {us('t_' + v)} ({r['err_' + v]:.0e})" for v in VARIANTS if "t_" + v in r))
+    for key in ("cand", "splits"):
+        if r.get(key):
+            s += f"\n    {key}: " + "  ".join(f"{c} {v['us']:.1f} ({v['err']:.0e})" for c, v in r[key].items())
+    return s
 
 
 def _md(r):
     us = lambda key: _fmt(r.get(key) and r[key] * 1e6)  # noqa: E731
-    return (f"| {r['K']}->{r['N']} | {r['M']} | {us('t_copy')} | {us('t_nibble')} | "
+    return (f"| {r['K']}->{r['N']} | {r['M']} | {r['kernel']} | {us('t_copy')} | {us('t_nibble')} | "
             f"{r['t_nibble'] / r['t_copy']:.2f} | {r['GBps_nibble']:.0f} | {r['TFLOPs_nibble']:.1f} | "
             f"{us('t_cublas')} | {r['t_cublas'] / r['t_nibble']:.2f} | {us('t_tinygemm')} | {us('t_dlight')} | "
             f"{r['err_nibble']:.1e} |")
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

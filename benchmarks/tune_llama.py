@@ -4,8 +4,9 @@ against the template defaults and TVM's stock dlight schedule.
     python benchmarks/tune_llama.py --trials 128 --out DIR      # on the H200; records -> DIR/sm_90.jsonl
 
 Tasks are what `nibble compile` builds for these shapes (fp16 activations, no bias, group 128): the GEMV
-token buckets and the GEMM copy of each linear (compiler/dispatch.py), with the same keys compile looks
-up, so the records file can be committed as tuning_logs/sm_90.jsonl. Timing as benchmarks/bench_linear.py:
+and GEMM token buckets and the unbounded GEMM copy of each linear (compiler/dispatch.py), with the same
+keys compile looks up, so the records file can be committed as tuning_logs/sm_90.jsonl. Timing as
+benchmarks/bench_linear.py:
 median of CUDA-graph replays, weight copies rotated over more than 3x the L2.
 """
 from __future__ import annotations
@@ -117,7 +118,7 @@ def main():
         meta["example_tune_s"] = time.perf_counter() - t0
 
     # -- tuned vs defaults vs dlight, per shape and M ---------------------------------------------------
-    from compiler.dispatch import BUCKETS
+    from compiler.dispatch import kernel_for
 
     cfg = QuantConfig(128, True)
     dev = torch.device("cuda")
@@ -149,7 +150,7 @@ def main():
                  for _ in range(max(2, math.ceil(3 * 60 * 2**20 / wbytes)))]
         sel = lambda lst: [lst[i % len(lst)] for i in range(24)]  # noqa: E731
         for m in MS:
-            kind = next((f"gemv{b}" for b in BUCKETS if m <= b), "gemm")
+            kind = kernel_for(m)  # "gemv4", "gemm16", ..., "gemm"
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             y = torch.full((m, n), float("nan"), device=dev, dtype=torch.float16)
             tx, ty = tvm.runtime.from_dlpack(x), tvm.runtime.from_dlpack(y)
@@ -165,7 +166,7 @@ def main():
                 row[f"err_{label}"] = rel_err(y, ref)
                 row[f"us_{label}"] = graph_time([lambda a=a, f=f: f(tx, a[0], a[1], ty) for a in sel(wargs)], torch) * 1e6
             key = next((t.key for t in tasks if t.key.startswith(f"int4_matmul_n{n}_k{k}_")
-                        and t.key.endswith(":" + kind.replace("gemv", "gemv:"))), None)
+                        and t.key.endswith(f":{kind[:4]}" + (f":{kind[4:]}" if kind[4:] else ""))), None)
             row["config"] = best.get(key, {}).get("config")
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -1,27 +1,32 @@
-"""Token-count dispatch for the int4 kernels: GEMV copies for small m, the GEMM (dlight Matmul) for the rest.
+"""Token-count dispatch for the int4 kernels: one kernel copy per bucket of m, picked at run time.
 
 The int4 pass emits one PrimFunc per linear shape with a single symbolic token dim m, but no one
-schedule is good for both decode (m = 1..16: memory-bound GEMV) and prefill (m in the hundreds:
-tensor-core GEMM). This pass, run by build.py for CUDA after the int4 pass, gives each int4 PrimFunc
-    <name>_gemv1, _gemv2, _gemv4, ...   copies tagged "nibble.kernel"="gemv", "nibble.rows"=B
-    <name>_gemm                         copy tagged "nibble.kernel"="gemm"
-(schedules.gemv.GEMV schedules the first kind; dlight the second) and replaces every
-`call_tir(<name>, args)` with a call to a private Relax function
+schedule is good for both decode (m = 1..16: memory-bound) and prefill (m in the hundreds: tensor-core
+GEMM), and even the GEMM wants other tiles and K splits at 16 tokens than at 2048. This pass, run by
+build.py for CUDA after the int4 pass, gives each int4 PrimFunc one copy per entry of ROUTES,
+    <name>_gemv1, _gemv2, _gemv4     tagged "nibble.kernel"="gemv", "nibble.rows"=B  (schedules/gemv.py)
+    <name>_gemm16, _gemm32, ...      tagged "nibble.kernel"="gemm", "nibble.rows"=R  (schedules/gemm.py)
+    <name>_gemm                      tagged "nibble.kernel"="gemm" (no bound: every larger m)
+and replaces every `call_tir(<name>, args)` with a call to a private Relax function
 
     @R.function(private=True)
     def <name>_dispatch(x: R.Tensor((m, K)), qweight, scales, ...):
         if m <= 1:   y = call_tir(<name>_gemv1, ...)
         elif m <= 2: y = call_tir(<name>_gemv2, ...)
         ...
+        elif m <= 256: y = call_tir(<name>_gemm256, ...)
         else:        y = call_tir(<name>_gemm, ...)
         return y
 
 Relax `If` cannot sit in a dataflow block, hence the separate function (pure, so main's dataflow
 blocks may call it); the condition is a PrimValue of the symbolic m, which the VM evaluates from x's
-shape at run time, so one compiled module serves every m. A bucket costs one more kernel in the
-module; the thresholds come from benchmarks/bench_linear.py (results in benchmarks/results/).
+shape at run time, so one compiled module serves every m. The bound R of a copy is all its rule needs
+to pick a tile and a K split (schedules/gemm.py `plan`). A bucket costs one more kernel (two with
+split-K) in the module.
 """
 from __future__ import annotations
+
+import re
 
 import tvm
 from tvm import relax, tirx
@@ -29,15 +34,55 @@ from tvm import relax, tirx
 from .int4_kernel import ATTR
 
 KERNEL_ATTR = "nibble.kernel"  # = schedules.template.KERNEL_ATTR
-ROWS_ATTR = "nibble.rows"  # = schedules.gemv.ROWS_ATTR
-# m <= 4 runs the GEMV (bucket = the next power of two >= m, so a copy never does more than 2x the
-# token work). Chosen from the H200 measurements (benchmarks/results/): past m = 4 this CUDA-core
-# GEMV is bound by L1 traffic for x and fp32 FMAs and loses to the GEMM copy; see the results notes.
-BUCKETS = (1, 2, 4)
+ROWS_ATTR = "nibble.rows"  # = schedules.gemv.ROWS_ATTR / schedules.gemm.ROWS_ATTR
+
+# The decision rule, as data: (bound R, kernel kind) by increasing R; m runs the first copy with m <= R,
+# anything past the last bound the unbounded "gemm" copy. A GEMV bucket is a power of two so a copy
+# never does more than 2x the token work; GEMM buckets are where the tile or the split changes.
+#  * m <= 4: the CUDA-core GEMV (H200, benchmarks/results/h200_bench_linear.md: 1.25-2.5x faster than
+#    cuBLAS fp16 there; past 4 tokens it is bound by L1 traffic for x and fp32 FMAs).
+#  * m = 5..16: the split-K GEMM with 16-row tiles -- or the GEMV's 8/16 buckets, whichever the H200
+#    measures faster. AWAITING THE H200 RUN (benchmarks/bench_linear.py --candidates): the unsplit GEMM
+#    measured 0.19-0.48x cuBLAS at m = 8/16, and in an earlier run the GEMV's 8/16 buckets were 1.2x/2.4x
+#    slower than it (4096->12288, h200_notes.md); the split-K GEMM has not run on a GPU yet. To route
+#    m <= 8 to the GEMV, add (8, "gemv") before (16, "gemm"); the run's "best" column and its "Best copy
+#    per M" list name the winner per M.
+#  * m <= 32 / 64 / 256: GEMM buckets whose tile (32-, 64-row) and auto split fill the SMs (see
+#    schedules/gemm.py); past 256 the 128x128 tile without split.
+ROUTES = ((1, "gemv"), (2, "gemv"), (4, "gemv"), (16, "gemm"), (32, "gemm"), (64, "gemm"), (256, "gemm"))
+BUCKETS = tuple(r for r, kind in ROUTES if kind == "gemv")  # the GEMV buckets (kept for callers)
+# Copies the benchmark times beside the routed one (bench_linear.py --candidates): every bucket that
+# could serve an m, so one GPU run can move the bounds above.
+CANDIDATES = ((1, "gemv"), (2, "gemv"), (4, "gemv"), (8, "gemv"), (16, "gemv"),
+              (16, "gemm"), (32, "gemm"), (64, "gemm"), (256, "gemm"), (None, "gemm"))
 
 
-def _copy(func: tirx.PrimFunc, name: str, **attrs) -> tirx.PrimFunc:
-    return func.with_attr({"global_symbol": name, **attrs})
+def copy_name(rows: int | None, kind: str) -> str:
+    """The suffix of a bucket copy: "gemv4", "gemm16", "gemm" (unbounded)."""
+    return f"{kind}{'' if rows is None else rows}"
+
+
+def kernel_for(m: int, routes=ROUTES) -> str:
+    """The copy (its suffix) the dispatch runs at m tokens."""
+    return next((copy_name(r, kind) for r, kind in routes if m <= r), "gemm")
+
+
+def candidates_for(m: int, candidates=CANDIDATES) -> list[str]:
+    """Every copy in `candidates` that serves m tokens (bound >= m)."""
+    return [copy_name(r, kind) for r, kind in candidates if r is None or m <= r]
+
+
+def base_name(name: str) -> str:
+    """The int4 PrimFunc a copy was made from: strips "_gemv4", "_gemm16", "_gemm"."""
+    return re.sub(r"_(gemv|gemm)\d*$", "", name)
+
+
+def bucket_copy(func: tirx.PrimFunc, name: str, rows: int | None, kind: str) -> tirx.PrimFunc:
+    """One tagged copy of an int4 PrimFunc (its schedule rule reads the tags)."""
+    attrs = {"global_symbol": name, KERNEL_ATTR: kind}
+    if rows is not None:
+        attrs[ROWS_ATTR] = rows
+    return func.with_attr(attrs)
 
 
 def _dispatch_function(func: tirx.PrimFunc, kernels: list, gemm: tvm.ir.GlobalVar) -> relax.Function:
@@ -62,8 +107,18 @@ def _dispatch_function(func: tirx.PrimFunc, kernels: list, gemm: tvm.ir.GlobalVa
     return bb.get()["dispatch"]
 
 
-def dispatch_small_m(mod: tvm.IRModule, buckets=BUCKETS) -> tvm.IRModule:
-    """Split every int4 PrimFunc into GEMV bucket copies + a GEMM copy behind an m dispatch."""
+def _gemm_takes(func: tirx.PrimFunc, rows: int, arch: str | None) -> bool:
+    from schedules.gemm import takes
+
+    return takes(func.attrs[ATTR], rows, arch)
+
+
+def dispatch_small_m(mod: tvm.IRModule, routes=ROUTES, arch: str | None = None) -> tvm.IRModule:
+    """Split every int4 PrimFunc into bucket copies (ROUTES) + an unbounded GEMM copy behind an m dispatch.
+
+    Bounded "gemm" copies are made only where our GEMM template takes the shape on `arch` (e.g.
+    "sm_90"): elsewhere dlight's Matmul schedules every "gemm" copy the same way, so one copy serves
+    all m past the GEMV buckets."""
     int4 = [(gv, f) for gv, f in mod.functions_items()
             if isinstance(f, tirx.PrimFunc) and f.attrs is not None and ATTR in f.attrs
             and KERNEL_ATTR not in f.attrs]
@@ -83,9 +138,13 @@ def dispatch_small_m(mod: tvm.IRModule, buckets=BUCKETS) -> tvm.IRModule:
     route = {}  # original PrimFunc GlobalVar -> its dispatch function
     for gv, func in int4:
         name = gv.name_hint
-        kernels = [(rows, add(_copy(func, f"{name}_gemv{rows}", **{KERNEL_ATTR: "gemv", ROWS_ATTR: rows}),
-                              f"{name}_gemv{rows}")) for rows in buckets]
-        gemm = add(_copy(func, f"{name}_gemm", **{KERNEL_ATTR: "gemm"}), f"{name}_gemm")
+        kernels = []
+        for rows, kind in routes:
+            if kind == "gemm" and not _gemm_takes(func, rows, arch):
+                continue
+            copy = f"{name}_{copy_name(rows, kind)}"
+            kernels.append((rows, add(bucket_copy(func, copy, rows, kind), copy)))
+        gemm = add(bucket_copy(func, f"{name}_gemm", None, "gemm"), f"{name}_gemm")
         route[gv] = add(_dispatch_function(func, kernels, gemm), f"{name}_dispatch")
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):

@@ -2,8 +2,9 @@
 
 What is searched. Every schedule template in schedules/ names its knobs in a frozen `Config` dataclass
 and their candidate values in `SPACE` ({field: (values...)}); a rule reads a per-function override from
-the PrimFunc attr "nibble.config" (a dict of Config fields). A task is one kernel copy (a GEMV bucket, the
-GEMM, or the CPU kernel) at the token count it serves; its space is the product of SPACE's values.
+the PrimFunc attr "nibble.config" (a dict of Config fields). A task is one kernel copy (a GEMV or GEMM
+token bucket, measured at its bound; the unbounded GEMM, at PREFILL_M; or the CPU kernel); its space is
+the product of SPACE's values.
 
 Why not meta-schedule's trace search: our decode GEMV is a template that emits a new PrimFunc (its
 dequantize trick cannot be reached with schedule primitives), so there is no trace for meta-schedule to
@@ -33,14 +34,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .dispatch import KERNEL_ATTR, ROWS_ATTR
+from .dispatch import KERNEL_ATTR, ROWS_ATTR, base_name
 from .errors import NibbleError
 from .int4_kernel import ATTR
 
 CONFIG_ATTR = "nibble.config"  # PrimFunc attr: the Config fields a rule must use for this function
 TEMPLATES = {"gemv": "schedules.gemv", "gemm": "schedules.gemm", "cpu": "schedules.cpu"}
 DEFAULT_DIR = Path(os.environ.get("NIBBLE_TUNING_LOGS", Path(__file__).resolve().parents[1] / "tuning_logs"))
-PREFILL_M = 512  # token count the (single) GEMM copy is tuned at
+PREFILL_M = 512  # token count the unbounded GEMM copy is tuned at (bucket copies: at their bound)
 CPU_M = 16
 FAILED_US = 1e29  # records at or above this time mark candidates that failed or were declined
 L2_BYTES = 60 << 20  # H200/H100 L2; tuning measurements rotate more weight bytes than 3x this
@@ -48,7 +49,7 @@ L2_BYTES = 60 << 20  # H200/H100 L2; tuning measurements rotate more weight byte
 
 @dataclasses.dataclass
 class Task:
-    key: str  # stable name: "<kernel>:<kind>[:<rows>]"
+    key: str  # stable name: "<kernel>:<kind>[:<rows>]" (rows: the token bucket of a bounded copy)
     func: object  # tirx.PrimFunc (symbolic m)
     kind: str  # "gemv" | "gemm" | "cpu"
     m: int  # token count measured at
@@ -69,7 +70,7 @@ class Task:
         if spec is not None and hasattr(self.template, "default_config"):
             from .target import tvm_target
 
-            cfg = self.template.default_config(tvm_target(spec))
+            cfg = self.template.default_config(tvm_target(spec), self.func)
         return {f.name: getattr(cfg, f.name) for f in dataclasses.fields(self.template.Config)}
 
 
@@ -99,11 +100,11 @@ def extract_tasks(mod, spec: dict) -> list[Task]:
         kind = _kind(func, spec)
         if kind not in TEMPLATES:
             continue
-        base = gv.name_hint.split("_gemv")[0].removesuffix("_gemm")
+        base = base_name(gv.name_hint)
         n = calls.get(base + "_dispatch", calls.get(gv.name_hint, 1))
-        if kind == "gemv":
-            rows = int(func.attrs[ROWS_ATTR])
-            tasks.append(Task(f"{base}:gemv:{rows}", func, kind, rows, n))
+        rows = int(func.attrs[ROWS_ATTR]) if ROWS_ATTR in func.attrs else None
+        if kind in ("gemv", "gemm") and rows is not None:
+            tasks.append(Task(f"{base}:{kind}:{rows}", func, kind, rows, n))
         elif kind == "gemm":
             tasks.append(Task(f"{base}:gemm", func, kind, PREFILL_M, n))
         else:

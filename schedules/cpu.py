@@ -50,5 +50,5 @@ def rule():
     return Int4MatmulCPU()
 
 
-def default_config(target) -> Config:
+def default_config(target, func=None) -> Config:
     return Config()

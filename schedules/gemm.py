@@ -29,10 +29,25 @@ Per thread block (BM x BN output tile, BK-wide k steps, STAGES-deep cp.async rin
 One __syncthreads per k step: the barrier that publishes step kt's W tile also frees the ring slot and
 the W buffer that the same iteration then overwrites.
 
-The PrimFunc holds two launches and picks one by m at run time (m is symbolic): a "small" tile config
-for m up to a threshold (more thread blocks, so few tokens still fill 132 SMs; the threshold is lower
-for wide N, where the large tile already fills them, see ArchConfig) and a "large" one.
-Knobs are in Config, per-arch defaults in DEFAULTS, so a tuner can search them.
+Split-K (few tokens). At m <= 32 a 128-wide N tile gives N/128 thread blocks (32 for N = 4096) and each
+walks all of K: on 132 SMs most of the GPU idles, and each block is latency-bound (~2 k steps in flight).
+With split_k = S the grid gets a third axis, blockIdx.z, over S contiguous slices of the K steps; each
+block writes its fp32 partial tile (no bias, no rounding) to a global workspace ws[m, S, N] (a "global"
+T.alloc_buffer: TVM allocates it per call from its device workspace pool, sized by the symbolic m), and a
+second kernel in the same PrimFunc sums the S partials in a fixed order, adds the bias and rounds to
+fp16: deterministic, the same fp32-accumulate-then-round as the PrimFunc, in another summation order.
+
+Which tile and split (the rule's whole decision; `plan` returns it). compiler/dispatch.py makes one
+"gemm" copy per token bucket, tagged with its bound R ("nibble.rows": that copy runs only for m <= R;
+untagged: the unbounded copy for the largest m):
+  * tile: the first of ArchConfig.tiles whose m_max >= R (16-row tiles for m <= 16, 32 for m <= 32,
+    64 for m <= 256); past them, or with no R, the large tile. Wide N (N / large.block_n >=
+    wide_n_blocks) takes the large tile past wide_m_max, where it already fills the SMs.
+  * split: Config.split_k if set (tuned), else auto: blocks without split = ceil(R / block_m) x
+    N / block_n; split = sms x resident blocks per SM (split_fill, capped by shared memory) // blocks,
+    at most split_max, and at most what leaves every slice stages - 1 k steps (the ring's prologue).
+    The unbounded copy never splits (its m is unknown and large).
+Knobs are in Config and ArchConfig, per-arch defaults in DEFAULTS, so a tuner can search them.
 """
 from __future__ import annotations
 
@@ -40,8 +55,10 @@ import dataclasses
 from string import Template
 
 from .template import ATTR, KERNEL_ATTR, TemplateRule
-CONFIG_ATTR = "nibble.config"  # = compiler.tuning.CONFIG_ATTR: a tuned Config for the large-m launch
-VERSION = 1  # bump when the template changes meaning: tuning records of other versions are ignored
+CONFIG_ATTR = "nibble.config"  # = compiler.tuning.CONFIG_ATTR: a tuned Config for this copy's launch
+ROWS_ATTR = "nibble.rows"  # = compiler.dispatch.ROWS_ATTR: the bucket bound R of a copy (m <= R)
+VERSION = 2  # bump when the template changes meaning: tuning records of other versions are ignored
+# v2: one launch per bucket copy (was: small/large picked inside the copy), split_k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,6 +72,7 @@ class Config:
     warps_n: int = 4
     stages: int = 4  # cp.async ring depth (>= 3: one slot read, one being dequantized, rest in flight)
     w_vec: int = 2  # uint32 words of qweight per cp.async (2 = 8 B, 4 = 16 B)
+    split_k: int = 0  # K slices over blockIdx.z (fp32 partials + a reduction kernel); 0 = auto, see plan
 
     @property
     def threads(self) -> int:
@@ -63,6 +81,11 @@ class Config:
     def smem_bytes(self) -> int:
         ring = self.stages * (self.block_m * self.block_k * 2 + self.block_n * self.block_k // 2)
         return ring + 2 * self.block_n * self.block_k * 2
+
+    def label(self) -> str:
+        """Short name for tables: BMxBNxBK, stages, warps."""
+        return (f"{self.block_m}x{self.block_n}x{self.block_k} s{self.stages} "
+                f"w{self.warps_m}x{self.warps_n}")
 
     def check(self) -> str | None:
         """Why this config cannot be laid out, or None."""
@@ -77,44 +100,90 @@ class Config:
             return "x tile must split into whole 16 B chunks per thread"
         if (bk // 8) % self.w_vec or (bn * bk // 8) % (t * self.w_vec):
             return "weight tile must split into whole w_vec-word chunks per thread"
+        if self.split_k < 0:
+            return "split_k must be >= 0 (0 = auto)"
         return None
 
 
 @dataclasses.dataclass(frozen=True)
 class ArchConfig:
-    small: Config  # for m <= small_m_max
-    large: Config
-    small_m_max: int = 256
-    # ... but where n / large.block_n >= small_max_n_blocks the large tile already fills the SMs at
-    # m ~ 200 and only m <= small_m_max_wide keeps the small one (H200: N = 4096 -> 32 blocks wants the
-    # small tile at m = 200; N = 12288 -> 96 and 22016 -> 172 blocks run 1.3x faster with the large tile
-    # at m = 200 but 1.7x slower at m = 32)
-    small_max_n_blocks: int = 64
-    small_m_max_wide: int = 64
+    """Per-arch tiles for the token buckets and the split-K rule (see the module docstring)."""
+
+    tiles: tuple  # ((m_max, Config), ...) by increasing m_max: a copy for m <= R takes the first R fits
+    large: Config  # the unbounded copy, and buckets past every m_max
+    # wide N (n / large.block_n >= wide_n_blocks) takes the large tile past wide_m_max tokens. H200:
+    # N = 4096 -> 32 blocks wants the 64-row tile at m = 200; N = 12288 -> 96 and 22016 -> 172 blocks
+    # ran 1.3x faster with the large tile at m = 200 but 1.7x slower at m = 32 (gemm_h200*.md)
+    wide_n_blocks: int = 64
+    wide_m_max: int = 64
     max_smem: int = 96 * 1024  # dynamic shared memory a block may use on this arch (opt-in > 48 KiB)
+    # split-K auto rule: aim for sms x split_fill thread blocks (split_fill resident per SM, fewer if
+    # shared memory holds fewer), so every SM streams weights from several blocks at once: one block
+    # keeps only ~2-3 k steps (a few KiB) of loads in flight, far below what hides HBM latency. More
+    # slices cost fp32 workspace traffic (split x m x N x 4 B, through L2), hence split_max.
+    sms: int = 132
+    smem_per_sm: int = 228 * 1024
+    split_fill: int = 4
+    split_max: int = 16
 
 
 # H200 measurements (benchmarks/results/gemm_h200.md): BK=64 with 16 B weight copies beats BK=32 by
 # ~1.3x everywhere (half the barriers and dequant calls per MAC), 4 stages ~2% over 3; 128x128 tiles for
 # large m, 64x128 below 256 tokens for small N so that ~200 tokens still make >= 128 blocks.
+# 16- and 32-row tiles (one warp row, 4 warps along N) for m <= 16 / 32 so few tokens do not compute
+# 64-128 rows of mma per tile, and take 56 / 64 KiB of shared memory (4 / 3 blocks per SM) for split-K.
+_TINY = Config(block_m=16, block_k=64, warps_m=1, warps_n=4, w_vec=4, stages=4)
+_TINY32 = Config(block_m=32, block_k=64, warps_m=1, warps_n=4, w_vec=4, stages=4)
 _SMALL = Config(block_m=64, block_k=64, w_vec=4, stages=4)
 _LARGE = Config(block_k=64, w_vec=4, stages=4)
+_TILES = ((16, _TINY), (32, _TINY32), (256, _SMALL))
 DEFAULTS = {
-    "sm_90": ArchConfig(small=_SMALL, large=_LARGE, max_smem=200 * 1024),
-    "sm_80": ArchConfig(small=_SMALL, large=_LARGE, max_smem=160 * 1024),
-    "default": ArchConfig(small=Config(block_m=64, warps_m=2, warps_n=4, stages=3),
-                          large=Config(stages=3), max_smem=48 * 1024),
+    "sm_90": ArchConfig(tiles=_TILES, large=_LARGE, max_smem=200 * 1024),
+    "sm_80": ArchConfig(tiles=_TILES, large=_LARGE, max_smem=160 * 1024, sms=108, smem_per_sm=164 * 1024),
+    "default": ArchConfig(tiles=((32, Config(block_m=16, warps_m=1, warps_n=2, stages=3)),
+                                 (256, Config(block_m=64, warps_m=2, warps_n=4, stages=3))),
+                          large=Config(stages=3), max_smem=48 * 1024, sms=80, smem_per_sm=96 * 1024),
 }
 
 
-# What compiler/tuning.py searches (invalid combinations are declined by Config.check / fits).
-SPACE = {"block_m": (64, 128, 256), "block_n": (64, 128, 256), "block_k": (32, 64), "warps_m": (2, 4),
-         "warps_n": (2, 4), "stages": (3, 4, 5), "w_vec": (2, 4)}
+# What compiler/tuning.py searches for each bucket copy (invalid combinations are declined by
+# Config.check / fits; split_k 0 is the auto rule).
+SPACE = {"block_m": (16, 32, 64, 128, 256), "block_n": (64, 128, 256), "block_k": (32, 64),
+         "warps_m": (1, 2, 4), "warps_n": (2, 4), "stages": (3, 4, 5), "w_vec": (2, 4),
+         "split_k": (0, 1, 2, 4, 8, 16)}
 
 
 def config_for(target) -> ArchConfig:
     arch = str(target.attrs.get("arch", "")) if target is not None else ""
     return DEFAULTS.get(arch, DEFAULTS["default"])
+
+
+def tile_for(arch: ArchConfig, n: int, rows: int | None) -> Config:
+    """The tile config of the copy serving m <= rows (None: the unbounded copy); see the docstring."""
+    if rows is None:
+        return arch.large
+    if rows > arch.wide_m_max and n // arch.large.block_n >= arch.wide_n_blocks:
+        return arch.large
+    return next((c for m_max, c in arch.tiles if rows <= m_max), arch.large)
+
+
+def split_for(arch: ArchConfig, c: Config, n: int, k: int, rows: int | None) -> int:
+    """K slices for config c on an n x k kernel serving m <= rows: c.split_k if set, else the auto rule."""
+    if c.split_k:
+        return c.split_k
+    if rows is None or c.block_k < 16 or c.stages < 3 or n < c.block_n:  # (fits() declines the latter)
+        return 1
+    most = max(1, k // c.block_k // (c.stages - 1))  # every slice fills the ring's prologue
+    blocks = -(-rows // c.block_m) * (n // c.block_n)
+    resident = max(1, min(arch.split_fill, arch.smem_per_sm // (c.smem_bytes() + 1024)))
+    return max(1, min(arch.sms * resident // blocks, arch.split_max, most))
+
+
+def plan(attrs: dict, arch: ArchConfig, rows: int | None = None, tuned: Config | None = None):
+    """(Config, split) the rule uses for a kernel spec and bucket; `tuned` replaces the tile config."""
+    n, k = int(attrs["n"]), int(attrs["k"])
+    c = tuned or tile_for(arch, n, rows)
+    return c, split_for(arch, c, n, k, rows)
 
 
 # CUDA helpers for everything that touches shared memory. They take 32-bit shared-space addresses
@@ -182,46 +251,65 @@ $BODY
 
 # One launch; the helpers below fill the pipeline pieces. Shared memory (bytes from sb): the x ring
 # [S][BM][BK] fp16 at 0, the packed-weight ring [S][BN][BK/8] u32 at $WQ0, the dequantized W tiles
-# [2][BN][BK] fp16 at $WS0.
+# [2][BN][BK] fp16 at $WS0. $KT is this block's number of k steps (its K slice under split-K) and the
+# loads add the slice's first step; ring slots and W buffers count local steps.
 _LAUNCH = Template('''
-for by in T.thread_binding((m + T.int64($BM - 1)) // T.int64($BM), thread="blockIdx.y"):
-    for bx in T.thread_binding($NBLK, thread="blockIdx.x"):
-        for tx in T.thread_binding($THREADS, thread="threadIdx.x"):
-            smem = T.alloc_buffer(($SMEM,), "uint8", scope="shared.dyn")
-            sbv = T.alloc_buffer((1,), "uint32", scope="local")
-            af = T.alloc_buffer(($MI * 8,), "float16", scope="local")
-            bf = T.alloc_buffer(($NI * 4,), "float16", scope="local")
-            cf = T.alloc_buffer(($MI * $NI * 4,), "float32", scope="local")
-            sc = T.alloc_buffer(($LW,), "float16", scope="local")
-            zc = T.alloc_buffer(($LW,), "float16", scope="local")
-            sbv[0] = T.cuda.func_call("nb_smem_addr", smem.access_ptr("rw"), source_code=$HELPERS,
-                                      return_type="uint32")
-            sb = T.meta_var(sbv[0])
-            for i in T.unroll($MI * $NI * 4):
-                cf[i] = T.float32(0)
-            # prologue: k steps 0 .. S-2 in flight, step 0 dequantized
-            for s in T.unroll($S - 1):
+for tx in T.thread_binding($THREADS, thread="threadIdx.x"):
+    smem = T.alloc_buffer(($SMEM,), "uint8", scope="shared.dyn")
+    sbv = T.alloc_buffer((1,), "uint32", scope="local")
+    af = T.alloc_buffer(($MI * 8,), "float16", scope="local")
+    bf = T.alloc_buffer(($NI * 4,), "float16", scope="local")
+    cf = T.alloc_buffer(($MI * $NI * 4,), "float32", scope="local")
+    sc = T.alloc_buffer(($LW,), "float16", scope="local")
+    zc = T.alloc_buffer(($LW,), "float16", scope="local")
+    sbv[0] = T.cuda.func_call("nb_smem_addr", smem.access_ptr("rw"), source_code=$HELPERS,
+                              return_type="uint32")
+    sb = T.meta_var(sbv[0])
+    for i in T.unroll($MI * $NI * 4):
+        cf[i] = T.float32(0)
+    # prologue: k steps 0 .. S-2 in flight, step 0 dequantized
+    for s in T.unroll($S - 1):
 $LOAD_S
-                T.evaluate(T.ptx["cp.async.commit_group"]())
+        T.evaluate(T.ptx["cp.async.commit_group"]())
 $SCALE_0
-            T.evaluate(T.ptx["cp.async.wait_group"]($S - 2))
-            T.tvm_storage_sync("shared")
+    T.evaluate(T.ptx["cp.async.wait_group"]($S - 2))
+    T.tvm_storage_sync("shared")
 $DEQUANT_0
-            for kt in T.serial($KT):
-                # steps <= kt+1 have landed (own copies), then everyone's; W[kt % 2] is complete and
-                # ring slot (kt-1) % S and W[(kt+1) % 2] are no longer read by anyone
-                T.evaluate(T.ptx["cp.async.wait_group"]($S - 3))
-                T.tvm_storage_sync("shared")
-                if kt + $S - 1 < $KT:
+    for kt in T.serial($KT):
+        # steps <= kt+1 have landed (own copies), then everyone's; W[kt % 2] is complete and
+        # ring slot (kt-1) % S and W[(kt+1) % 2] are no longer read by anyone
+        T.evaluate(T.ptx["cp.async.wait_group"]($S - 3))
+        T.tvm_storage_sync("shared")
+        if kt + $S - 1 < $KT:
 $LOAD_NEXT
-                T.evaluate(T.ptx["cp.async.commit_group"]())
-                if kt + 1 < $KT:
+        T.evaluate(T.ptx["cp.async.commit_group"]())
+        if kt + 1 < $KT:
 $SCALE_NEXT
 $COMPUTE
-                if kt + 1 < $KT:
+        if kt + 1 < $KT:
 $DEQUANT_NEXT
 $EPILOGUE
 ''')
+
+# The split-K reduction: one thread per 4 outputs, the S fp32 partials summed in slice order (all S
+# loads issued before the adds), + bias, rounded to fp16 once. Reads ws[m, S, N] from L2 (just written;
+# the S partials of one output sit N floats apart, so one base address serves all S vector loads).
+_REDUCE = Template('''
+for rb in T.thread_binding((m * T.int64($NV) + T.int64(255)) // T.int64(256), thread="blockIdx.x"):
+    for rt in T.thread_binding(256, thread="threadIdx.x"):
+        part = T.alloc_buffer(($SPLIT, 4), "float32", scope="local")
+        e = T.meta_var(rb * T.int64(256) + T.Cast("int64", rt))  # this thread's 4-output chunk
+        if e < m * T.int64($NV):
+            for z in T.unroll($SPLIT):
+                for v in T.vectorized(4):
+                    part[z, v] = ws[e // T.int64($NV), z, e % T.int64($NV) * T.int64(4) + T.Cast("int64", v)]
+            for z in T.unroll(1, $SPLIT):
+                for v in T.vectorized(4):
+                    part[0, v] = part[0, v] + part[z, v]
+            for v in T.vectorized(4):
+                y[e // T.int64($NV), e % T.int64($NV) * T.int64(4) + T.Cast("int64", v)] = T.Cast("float16", $VAL)
+''')
+
 
 def _indent(text: str, n: int) -> str:
     return "\n".join(" " * n + line if line.strip() else line for line in text.strip("\n").split("\n"))
@@ -235,8 +323,19 @@ def _swz(row: str, chunk: str, chunks: int) -> str:
     return f"T.bitwise_xor({chunk}, (({row}) // {per_line}) % {phase})"
 
 
-def _launch(c: Config, n: int, k: int, g: int, sym: bool, bias: bool) -> str:
+def _launch(c: Config, n: int, k: int, g: int, sym: bool, bias: bool, split: int = 1) -> str:
+    """The GEMM launch; with split > 1 it covers one K slice per blockIdx.z and writes fp32 to ws."""
     bm, bn, bk, S, t = c.block_m, c.block_n, c.block_k, c.stages, c.threads
+    steps = k // bk
+    grid = (f'for by in T.thread_binding((m + T.int64({bm - 1})) // T.int64({bm}), thread="blockIdx.y"):\n'
+            f'    for bx in T.thread_binding({n // bn}, thread="blockIdx.x"):')
+    if split == 1:
+        kb, kt_n = "0", str(steps)
+    else:  # slice z = steps [z * steps // split, (z + 1) * steps // split): sizes differ by at most 1
+        grid = f'for bz in T.thread_binding({split}, thread="blockIdx.z"):\n' + _indent(grid, 4)
+        kb = f"bz * {steps} // {split}"
+        kt_n = (str(steps // split) if steps % split == 0
+                else f"((bz + 1) * {steps} // {split} - {kb})")
     wm_, wn_ = bm // c.warps_m, bn // c.warps_n  # warp tile
     mi, ni = wm_ // 16, wn_ // 8
     xc = bk // 8  # 16 B chunks per row of an x or W tile (= packed words per weight-tile row)
@@ -257,13 +356,14 @@ def _launch(c: Config, n: int, k: int, g: int, sym: bool, bias: bool) -> str:
             r, ch = f"{ci} // {xc}", f"{ci} % {xc}"
             dst = f"sb + T.Cast(\"uint32\", (({slot} * {bm} + {r}) * {bk} + {_swz(r, ch, xc)} * 8) * 2)"
             src = (f'x.access_ptr("r", offset=T.min(by * T.int64({bm}) + T.Cast("int64", {r}), m - T.int64(1))'
-                   f' * T.int64({k}) + T.Cast("int64", ({step}) * {bk} + ({ch}) * 8))')
+                   f' * T.int64({k}) + T.Cast("int64", ({kb} + {step}) * {bk} + ({ch}) * 8))')
             lines.append(call("nb_cp_async16", dst, src))
         for i in range(lw):
             ci = f"(tx + {i * t})"
             r, v = f"{ci} // {vpr}", f"{ci} % {vpr}"
             dst = f"sb + T.Cast(\"uint32\", {wq0} + (({slot} * {bn} + {r}) * {xc} + ({v}) * {c.w_vec}) * 4)"
-            src = f'qweight.access_ptr("r", offset=(bx * {bn} + {r}) * {k // 8} + ({step}) * {xc} + ({v}) * {c.w_vec})'
+            src = (f'qweight.access_ptr("r", offset=(bx * {bn} + {r}) * {k // 8} + ({kb} + {step}) * {xc}'
+                   f' + ({v}) * {c.w_vec})')
             lines.append(call(f"nb_cp_async{4 * c.w_vec}", dst, src))
         return "\n".join(lines)
 
@@ -271,7 +371,7 @@ def _launch(c: Config, n: int, k: int, g: int, sym: bool, bias: bool) -> str:
         lines = []
         for i in range(lw):
             r = f"(tx + {i * t}) // {vpr}"
-            grp = f"({step}) * {bk} // {g}"
+            grp = f"({kb} + {step}) * {bk} // {g}"
             lines.append(f"sc[{i}] = scales[bx * {bn} + {r}, {grp}]")
             z = "T.float16(1032)" if sym else f"T.float16(1024) + zeros[bx * {bn} + {r}, {grp}]"
             lines.append(f"zc[{i}] = {z}")
@@ -308,28 +408,33 @@ for kk in T.unroll({bk // 16}):
                 bf.data, j * 4, cf.data, (i * {ni} + j) * 4, False, dtype="float32"))
 """
     val = f"cf[(i * {ni} + j) * 4 + h * 2 + c]"
-    if bias:
-        val = f'{val} + T.Cast("float32", bias[bx * {bn} + {wn} * {wn_} + j * 8 + {lane} % 4 * 2 + c])'
+    col = f"bx * {bn} + {wn} * {wn_} + j * 8 + {lane} % 4 * 2 + c"
+    if bias and split == 1:
+        val = f'{val} + T.Cast("float32", bias[{col}])'
     row = f'by * T.int64({bm}) + T.Cast("int64", {wm} * {wm_} + i * 16 + h * 8 + {lane} // 4)'
+    # the fragment's fp32 pair -> y (bias, fp16) or, split, the slice's partial (the reduction finishes)
+    store = (f'y[{row}, {col}] = T.Cast("float16", {val})' if split == 1 else f"ws[{row}, bz, {col}] = {val}")
     epilogue = f"""
 for i in T.unroll({mi}):
     for j in T.unroll({ni}):
         for h in T.unroll(2):
             if {row} < m:
                 for c in T.vectorized(2):
-                    y[{row}, bx * {bn} + {wn} * {wn_} + j * 8 + {lane} % 4 * 2 + c] = T.Cast("float16", {val})
+                    {store}
 """
-    return _LAUNCH.substitute(
-        BM=bm, BN=bn, BK=bk, S=S, THREADS=t, NBLK=n // bn, MI=mi, NI=ni, LW=lw, KT=k // bk,
+    body = _LAUNCH.substitute(
+        BM=bm, BN=bn, BK=bk, S=S, THREADS=t, MI=mi, NI=ni, LW=lw, KT=kt_n,
         SMEM=c.smem_bytes(), HELPERS=repr(_HELPERS["nb_smem_addr"]),
-        LOAD_S=_indent(load("s"), 16), SCALE_0=_indent(scale("0"), 12),
-        DEQUANT_0=_indent(dequant("0"), 12), LOAD_NEXT=_indent(load(f"kt + {S - 1}"), 20),
-        SCALE_NEXT=_indent(scale("kt + 1"), 20), COMPUTE=_indent(compute, 16),
-        DEQUANT_NEXT=_indent(dequant("kt + 1"), 20), EPILOGUE=_indent(epilogue, 12))
+        LOAD_S=_indent(load("s"), 8), SCALE_0=_indent(scale("0"), 4),
+        DEQUANT_0=_indent(dequant("0"), 4), LOAD_NEXT=_indent(load(f"kt + {S - 1}"), 12),
+        SCALE_NEXT=_indent(scale("kt + 1"), 12), COMPUTE=_indent(compute, 8),
+        DEQUANT_NEXT=_indent(dequant("kt + 1"), 12), EPILOGUE=_indent(epilogue, 4))
+    depth = grid.count("\n") + 1
+    return grid + "\n" + _indent(body, 4 * depth)
 
 
-def fits(attrs: dict, c: Config, max_smem: int) -> str | None:
-    """Why this config cannot run this kernel spec, or None."""
+def fits(attrs: dict, c: Config, max_smem: int, split: int = 1) -> str | None:
+    """Why this config (with `split` K slices) cannot run this kernel spec, or None."""
     n, k, g = int(attrs["n"]), int(attrs["k"]), int(attrs["group_size"])
     why = c.check()
     if why:
@@ -338,31 +443,50 @@ def fits(attrs: dict, c: Config, max_smem: int) -> str | None:
         return "x must be float16 (other activation dtypes go to dlight)"
     if n % c.block_n or k % c.block_k or g % c.block_k:
         return f"n % {c.block_n}, k % {c.block_k} and group % {c.block_k} must be 0"
-    if k // c.block_k < c.stages - 1:
-        return f"needs at least {c.stages - 1} k steps"
+    if k // c.block_k // split < c.stages - 1:
+        return f"needs at least {c.stages - 1} k steps per K slice"
     if c.smem_bytes() > max_smem:
         return f"{c.smem_bytes()} B of shared memory > {max_smem}"
     return None
 
 
-def gemm_func(attrs: dict, arch: ArchConfig, source_only: bool = False):
-    """The GEMM PrimFunc for one int4 kernel spec (the "nibble.int4" attr), or None if it does not fit."""
+def checked_plan(attrs: dict, arch: ArchConfig, rows: int | None = None, tuned: Config | None = None):
+    """`plan` with the stages a short K slice allows, or None where the kernel cannot take the spec."""
+    c, split = plan(attrs, arch, rows, tuned)
+    if c.block_k <= 0 or split <= 0:
+        return None
+    # a short K slice cannot fill a deep ring: use fewer stages (>= 3) rather than give up
+    c = dataclasses.replace(c, stages=max(3, min(c.stages, int(attrs["k"]) // c.block_k // split + 1)))
+    return None if fits(attrs, c, arch.max_smem, split) else (c, split)
+
+
+def takes(attrs: dict, rows: int | None, arch_name: str | None) -> bool:
+    """Whether the untuned rule builds the bucket copy serving m <= rows for this arch ("sm_90")."""
+    return checked_plan(attrs, DEFAULTS.get(arch_name or "", DEFAULTS["default"]), rows) is not None
+
+
+def gemm_func(attrs: dict, arch: ArchConfig, rows: int | None = None, tuned: Config | None = None,
+              source_only: bool = False):
+    """The GEMM PrimFunc for one int4 kernel spec (the "nibble.int4" attr) serving m <= rows (None: any
+    m), with the tile `plan` picks (or `tuned`), or None if it does not fit."""
     n, k, g = int(attrs["n"]), int(attrs["k"]), int(attrs["group_size"])
     sym, bias = bool(attrs["symmetric"]), bool(attrs["has_bias"])
-    # a short K cannot fill a deep ring: use fewer stages (>= 3) rather than give up
-    arch = dataclasses.replace(arch, **{key: dataclasses.replace(c, stages=max(3, min(c.stages, k // c.block_k + 1)))
-                                       for key, c in (("small", arch.small), ("large", arch.large))})
-    if any(fits(attrs, c, arch.max_smem) for c in (arch.small, arch.large)):
+    planned = checked_plan(attrs, arch, rows, tuned)
+    if planned is None:
         return None
+    c, split = planned
     extra = ""
     if not sym:
         extra += f' zeros: T.Buffer((T.int64({n}), T.int64({k // g})), "float16"),'
     if bias:
         extra += f' bias: T.Buffer((T.int64({n}),), "float16"),'
-    large, small = _launch(arch.large, n, k, g, sym, bias), _launch(arch.small, n, k, g, sym, bias)
-    wide = n // arch.large.block_n >= arch.small_max_n_blocks
-    m_max = arch.small_m_max_wide if wide else arch.small_m_max
-    body = f"if m <= T.int64({m_max}):\n{_indent(small, 4)}\nelse:\n{_indent(large, 4)}"
+    body = _launch(c, n, k, g, sym, bias, split)
+    if split > 1:
+        val = "part[0, v]"
+        if bias:
+            val += f' + T.Cast("float32", bias[e % T.int64({n // 4}) * T.int64(4) + T.Cast("int64", v)])'
+        body = "\n".join([f'ws = T.alloc_buffer((m, {split}, T.int64({n})), "float32", scope="global")',
+                          body, _REDUCE.substitute(SPLIT=split, NV=n // 4, VAL=val).strip("\n")])
     src = _FUNC.substitute(N=n, K=k, KW=k // 8, NG=k // g, EXTRA=extra, BODY=_indent(body, 4))
     if source_only:
         return src
@@ -372,8 +496,12 @@ def gemm_func(attrs: dict, arch: ArchConfig, source_only: bool = False):
     return tvm.script.from_source(src)
 
 
+def _rows(attrs) -> int | None:
+    return int(attrs[ROWS_ATTR]) if ROWS_ATTR in attrs else None
+
+
 class GEMM(TemplateRule):
-    """dlight-style rule: the "gemm"-tagged copy of our int4 kernel -> the tensor-core GEMM above."""
+    """dlight-style rule: the "gemm"-tagged copies of our int4 kernel -> the tensor-core GEMM above."""
 
     kind = "gemm"
 
@@ -382,17 +510,22 @@ class GEMM(TemplateRule):
 
     def build(self, func, attrs, target):
         arch = self.config or config_for(target)
-        if CONFIG_ATTR in attrs:  # tuned (at a prefill m past small_m_max): configures the large launch
+        rows, tuned = _rows(attrs), None
+        if CONFIG_ATTR in attrs:  # tuned for this bucket: replaces the tile (and split) of plan
             from compiler.tuning import config_from
 
-            arch = dataclasses.replace(arch, large=config_from(func, Config, arch.large))
-        return gemm_func(attrs[ATTR], arch)
+            tuned = config_from(func, Config, tile_for(arch, int(attrs[ATTR]["n"]), rows))
+        return gemm_func(attrs[ATTR], arch, rows, tuned)
 
 
 def rule():
     return GEMM()
 
 
-def default_config(target) -> Config:
-    """The untuned large-m config for a target (what a tuning record replaces; tuning measures it first)."""
-    return config_for(target).large
+def default_config(target, func=None) -> Config:
+    """The untuned config of a "gemm" copy (its bucket's tile; the large one without a copy or bucket):
+    what a tuning record replaces, and what tuning measures first."""
+    arch = config_for(target)
+    if func is None or func.attrs is None or ATTR not in func.attrs:
+        return arch.large
+    return tile_for(arch, int(func.attrs[ATTR]["n"]), _rows(func.attrs))

@@ -195,6 +195,6 @@ def rule():
     return GEMV()
 
 
-def default_config(target) -> Config:
-    """The untuned config for a target (what tuning measures first and must beat)."""
+def default_config(target, func=None) -> Config:
+    """The untuned config for a target (what tuning measures first and must beat); any copy."""
     return config_for(target)

@@ -1,11 +1,12 @@
-"""compiler/dispatch.py: one module, symbolic m, GEMV copies for small m and the GEMM copy otherwise."""
+"""compiler/dispatch.py: one module, symbolic m, a kernel copy per token bucket of ROUTES (GEMV copies for
+small m, GEMM bucket copies where our GEMM takes the shape, the unbounded GEMM copy past them)."""
 import numpy as np
 import pytest
 
 import tvm
 from tvm import relax, te, tirx
 
-from compiler.dispatch import BUCKETS, KERNEL_ATTR, ROWS_ATTR, dispatch_small_m
+from compiler.dispatch import BUCKETS, KERNEL_ATTR, ROUTES, ROWS_ATTR, dispatch_small_m, kernel_for
 from compiler.int4_kernel import ATTR
 from compiler.int4_pass import quantize_linears
 
@@ -30,8 +31,12 @@ def _prim_funcs(mod):
     return {gv.name_hint: f for gv, f in mod.functions_items() if isinstance(f, tirx.PrimFunc)}
 
 
+TILED = (256, 128)  # (K, N) our GEMM tiles on sm_90: it gets the GEMM bucket copies too
+
+
 def test_dispatch_structure():
-    mod = dispatch_small_m(_linear_module()[0])
+    """N = 64 does not tile for our GEMM: GEMV buckets + one "gemm" copy (dlight's, for every larger m)."""
+    mod = dispatch_small_m(_linear_module()[0], arch="sm_90")
     prims = _prim_funcs(mod)
     kinds = sorted((str(f.attrs[KERNEL_ATTR]), int(f.attrs[ROWS_ATTR]) if ROWS_ATTR in f.attrs else 0)
                    for f in prims.values())
@@ -45,22 +50,59 @@ def test_dispatch_structure():
     assert dispatch_small_m(mod).script() == text  # idempotent: tagged copies are left alone
 
 
+def test_dispatch_structure_with_gemm_buckets():
+    """A shape our GEMM tiles: one copy per ROUTES entry + the unbounded one, each tagged with its bound."""
+    mod = dispatch_small_m(_linear_module(*TILED)[0], arch="sm_90")
+    kinds = sorted((str(f.attrs[KERNEL_ATTR]), int(f.attrs[ROWS_ATTR]) if ROWS_ATTR in f.attrs else 0)
+                   for f in _prim_funcs(mod).values())
+    assert kinds == sorted([(kind, r) for r, kind in ROUTES] + [("gemm", 0)])
+    assert any(kind == "gemm" for _, kind in ROUTES)  # the test means something
+    text = mod.script()
+    assert all(f"if m <= {r}:" in text for r, _ in ROUTES)
+    names = sorted(_prim_funcs(mod))
+    assert all(any(n.endswith(f"_{kind}{r}") for n in names) for r, kind in ROUTES)
+
+
 def _marker_kernel(like: tirx.PrimFunc, value: float) -> tirx.PrimFunc:
     """A PrimFunc with `like`'s signature that writes `value` everywhere: shows which copy ran."""
     m = tirx.Var("m", "int64")
-    x = te.placeholder((m, tirx.IntImm("int64", K)), "float16", name="x")
+    x = te.placeholder((m, like.params[0].shape[1]), "float16", name="x")
     rest = [te.placeholder(p.shape, p.dtype, name=p.name) for p in like.params[1:-1]]
-    y = te.compute((m, tirx.IntImm("int64", N)), lambda i, j: x[i, 0] * tirx.const(0, "float16")
+    y = te.compute((m, like.params[-1].shape[1]), lambda i, j: x[i, 0] * tirx.const(0, "float16")
                    + tirx.const(value, "float16"), name="y")
     return te.create_prim_func([x, *rest, y]).with_attrs(like.attrs)
+
+
+@pytest.fixture(scope="module")
+def marker_vm():
+    """The dispatch of a GEMM-tiled shape built once for llvm with every copy replaced by a marker kernel."""
+    mod, params = _linear_module(*TILED)
+    mod = dispatch_small_m(mod, arch="sm_90")
+    marks = {name: float(i + 1) for i, name in enumerate(sorted(_prim_funcs(mod)))}
+    for name, f in _prim_funcs(mod).items():
+        mod[mod.get_global_var(name)] = _marker_kernel(f, marks[name])
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    weights = [tvm.runtime.tensor(params[p.name]) for p in mod["main"].params[1:]]
+    return vm, weights, {v: k for k, v in marks.items()}
+
+
+@pytest.mark.parametrize("m_val", [1, 2, 3, 4, 5, 8, 16, 17, 32, 33, 64, 65, 200, 256, 257])
+def test_dispatch_picks_bucket_by_m_at_run_time(marker_vm, m_val):
+    """The VM's If chain on the symbolic m runs the copy compiler.dispatch.kernel_for names, at both ends
+    of every bucket."""
+    vm, weights, ran_of = marker_vm
+    y = vm["main"](tvm.runtime.tensor(np.zeros((m_val, TILED[0]), np.float16)), *weights).numpy()
+    ran = ran_of[float(y[0, 0])]
+    assert ran.endswith("_" + kernel_for(m_val)) and (y == y[0, 0]).all(), (ran, kernel_for(m_val))
 
 
 @pytest.mark.parametrize("m_val", [1, 2, 3, 4, 5, 17, 200])
 def test_dispatch_picks_kernel_by_m_at_run_time(m_val):
     """Built once for llvm with every copy replaced by a marker kernel, then run at several m: the VM's
-    If on the symbolic m picks the bucket copy for m <= 4 and the GEMM copy above."""
+    If on the symbolic m picks the bucket copy for m <= 4 and the GEMM copy above (a shape our GEMM
+    does not tile: no GEMM buckets)."""
     mod, params = _linear_module()
-    mod = dispatch_small_m(mod)
+    mod = dispatch_small_m(mod, arch="sm_90")
     marks = {name: float(i + 1) for i, name in enumerate(sorted(_prim_funcs(mod)))}
     for name, f in _prim_funcs(mod).items():
         mod[mod.get_global_var(name)] = _marker_kernel(f, marks[name])
@@ -68,14 +110,16 @@ def test_dispatch_picks_kernel_by_m_at_run_time(m_val):
     vm = relax.VirtualMachine(ex, tvm.cpu())
     x = np.zeros((m_val, K), np.float16)
     y = vm["main"](tvm.runtime.tensor(x), *[tvm.runtime.tensor(params[p.name]) for p in mod["main"].params[1:]])
-    want = next((f"_gemv{b}" for b in BUCKETS if m_val <= b), "_gemm")
+    want = next((f"_gemv{b}" for b in BUCKETS if m_val <= b), "_gemm")  # no GEMM buckets: N % 128
     ran = {v: k for k, v in marks.items()}[float(y.numpy()[0, 0])]
     assert ran.endswith(want) and (y.numpy() == marks[ran]).all()
 
 
 @pytest.mark.gpu
-def test_built_module_launches_gemv_at_m1_and_gemm_at_m200():
-    """The real CUDA build through build.py: name the kernels the GPU runs (torch's CUPTI profiler)."""
+def test_built_module_launches_the_routed_bucket_copy():
+    """The real CUDA build through build.py: name the kernels the GPU runs (torch's CUPTI profiler): the
+    GEMV at m=1, the split-K GEMM bucket (its kernel + the reduction kernel) at 16 and 200, and the
+    unbounded GEMM at 1000."""
     import torch
 
     from compiler.build import build_module
@@ -85,7 +129,7 @@ def test_built_module_launches_gemv_at_m1_and_gemm_at_m200():
     vm = relax.VirtualMachine(build_module(mod, resolve("cuda", "sm_90")), tvm.cuda(0))
     ws = [tvm.runtime.tensor(params[p.name], device=tvm.cuda(0)) for p in mod["main"].params[1:]]
     ran = {}
-    for m_val in (1, 200):
+    for m_val in (1, 16, 200, 1000):
         x = tvm.runtime.tensor(np.random.default_rng(m_val).standard_normal((m_val, 4096)).astype(np.float16),
                                device=tvm.cuda(0))
         vm["main"](x, *ws)  # warm up (module load) outside the profile
@@ -95,5 +139,8 @@ def test_built_module_launches_gemv_at_m1_and_gemm_at_m200():
             torch.cuda.synchronize()
         ran[m_val] = [e.name for e in prof.events() if "int4_matmul" in e.name]
     print(ran)
-    assert ran[1] and all("_gemv1" in n for n in ran[1])
-    assert ran[200] and all("_gemm" in n for n in ran[200])
+    for m_val, kernels in ran.items():
+        copy = kernel_for(m_val)
+        assert kernels and all(n.split("int4_matmul")[1].split("_kernel")[0].endswith("_" + copy)
+                               for n in kernels), (m_val, kernels)
+    assert len(set(ran[16])) == 2 and len(set(ran[1000])) == 1  # split-K: GEMM + reduction kernel

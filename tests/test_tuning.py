@@ -149,3 +149,39 @@ def test_tuning_starts_from_the_templates_arch_default():
     cuda = resolve("cuda", "sm_90")
     task = Task("k:gemm", int4_matmul_func(256, 256, QuantConfig()), "gemm", 512)
     assert task.default(cuda) == vars(gemm.config_for(tvm_target(cuda)).large)
+
+
+def test_gemm_bucket_copies_are_tasks_of_their_own():
+    """Each GEMM bucket copy of the dispatch is a task measured at its bound, whose baseline is its own
+    tile (16 rows for m <= 16, ...); the unbounded copy keeps the large tile at PREFILL_M."""
+    import tvm
+    from tvm import relax
+
+    from compiler.dispatch import ROUTES, dispatch_small_m
+    from compiler.int4_kernel import int4_matmul_func
+    from compiler.quantize import QuantConfig
+    from compiler.target import tvm_target
+    from compiler.tuning import PREFILL_M, Task
+    from schedules import gemm
+
+    cuda = resolve("cuda", "sm_90")
+    bb = relax.BlockBuilder()
+    m = tvm.tirx.Var("m", "int64")
+    x = relax.Var("x", relax.TensorType([m, 512], "float16"))
+    q = relax.Var("q", relax.TensorType([256, 64], "uint32"))
+    s = relax.Var("s", relax.TensorType([256, 4], "float16"))
+    with bb.function("main", [x, q, s]):
+        with bb.dataflow():
+            gv = bb.add_func(int4_matmul_func(256, 512, QuantConfig()), "k")
+            y = bb.emit_output(relax.call_tir(gv, [x, q, s], relax.TensorType([m, 256], "float16")))
+        bb.emit_func_output(y)
+    tasks = {t.key: t for t in extract_tasks(dispatch_small_m(bb.get(), arch="sm_90"), cuda)}
+    arch = gemm.config_for(tvm_target(cuda))
+    for rows, kind in ROUTES:
+        task = tasks[f"k:{kind}:{rows}"]
+        assert task.m == rows and task.calls == 1
+        if kind == "gemm":
+            assert task.default(cuda) == vars(gemm.tile_for(arch, 256, rows))
+    assert tasks["k:gemm:16"].default(cuda)["block_m"] == 16
+    assert tasks["k:gemm"].m == PREFILL_M and tasks["k:gemm"].default(cuda) == vars(arch.large)
+    assert all(isinstance(t, Task) for t in tasks.values())
