@@ -29,6 +29,17 @@ Why each is needed (what real exports contain):
   target at run time from the input's runtime shape (0 -> copy, -1 -> numel / product of the
   others) and reshape to that shape tensor (tensor_to_shape); the importer (frontends/onnx_import.py)
   then gives the result dims from ONNX shape inference.
+- Reshape of a symbolic scalar (a dim computed from Shape -> Squeeze -> Add, which TVM holds as a
+  TIR expression, not a tensor) to [1] or [-1]: the dynamo exporter writes this for past + seq in
+  decode graphs (Llama's mask and KV expand targets), then Concats it into a shape. TVM passed the
+  expression to relax.reshape ("Reshape expects the input data to be a Tensor"). Fix: the result is
+  the one-element shape value [expr], as TVM's Unsqueeze(axis 0) makes it, so the Concat stays a
+  ShapeExpr; a reshape to [] is the scalar itself.
+- Reshape with -1 of a tensor whose dims are known, where a dim is a sum (past + seq in decode
+  graphs): TVM solves -1 as numel // product(other dims), and its arithmetic cannot cancel a sum,
+  so the dim stays b * (p + s) * 32 // (p * 8 + s * 8); the LLVM build then fails lowering that
+  division in the buffer shapes ("Binding of variable rmod ... conflicts"). Fix: match each other
+  target dim with an equal input dim and take the product of the input dims left over (b * 4).
 """
 from __future__ import annotations
 
@@ -193,12 +204,73 @@ class Concat(_tvm.Concat):
         return super()._impl_v13(bb, inputs, attr, params)
 
 
+def _symbolic_scalar(x):
+    """x as an int64 expression if it is a symbolic (not literal) integer scalar, else None."""
+    if not tvm.ir.is_prim_expr(x) or isinstance(x, tirx.IntImm) or str(x.ty) not in _INT:
+        return None
+    return x if str(x.ty) == "int64" else tirx.Cast("int64", x)
+
+
+def _static_target(new_shape) -> list | None:
+    """The entries of a reshape target known at import time (ints or PrimExprs), else None."""
+    if isinstance(new_shape, tvm.ir.GenericConst):
+        return [int(v) for v in new_shape.value.numpy().reshape(-1)]
+    if isinstance(new_shape, relax.ShapeExpr):
+        return [_const_int(v) if _const_int(v) is not None else v for v in new_shape.values]
+    return None
+
+
+def _fill_by_cancelling(in_dims, target):
+    """target with its 0 entries copied from in_dims and its -1 solved by cancelling equal dims:
+    each other target dim is matched with an equal input dim, the -1 is the product of the input dims
+    left over (integers divided exactly). None where that does not work out."""
+    target = [in_dims[i] if isinstance(d, int) and d == 0 and i < len(in_dims) else d
+              for i, d in enumerate(target)]
+    if sum(isinstance(d, int) and d == -1 for d in target) != 1:
+        return None
+    ana = tvm.sym.Analyzer()
+    left = list(in_dims)
+    int_rest = 1
+    for d in target:
+        if isinstance(d, int) and d == -1:
+            continue
+        match = next((j for j, x in enumerate(left) if ana.can_prove_equal(x, d)), None)
+        if match is not None:
+            left.pop(match)
+        elif isinstance(d, int) and d > 0:
+            int_rest *= d
+        else:
+            return None
+    int_left = int(np.prod([int(x) for x in left if isinstance(x, tirx.IntImm)], dtype=np.int64))
+    if int_left % int_rest:
+        return None
+    fill = tirx.const(int_left // int_rest, "int64")
+    for x in left:
+        if not isinstance(x, tirx.IntImm):
+            fill = fill * x
+    return [ana.simplify(fill) if isinstance(d, int) and d == -1 else d for d in target]
+
+
 class Reshape(_tvm.Reshape):
-    """Reshape with 0 / -1 entries of a tensor whose dims are unknown: the target computed at run time."""
+    """Reshape with 0 / -1 entries of a tensor whose dims are unknown: the target computed at run time.
+    Reshape with -1 of a tensor whose dims are known: -1 solved by cancelling equal dims.
+    Reshape of a symbolic scalar to one element: a one-element shape value."""
 
     @classmethod
     def _impl_v13(cls, bb, inputs, attr, params):
         data, new_shape = inputs[0], _tvm.get_constant(inputs[1], params)
+        target = _static_target(new_shape)
+        scalar = _symbolic_scalar(data)
+        if scalar is not None and target is not None and all(isinstance(d, int) for d in target):
+            if target in ([1], [-1]):
+                return relax.ShapeExpr([scalar])
+            if not target:
+                return data
+        if (target is not None and not attr.get("allowzero", 0) and _shape_known(data)
+                and isinstance(data.ty.shape, relax.ShapeExpr) and not isinstance(data, tvm.ir.GenericConst)):
+            dims = _fill_by_cancelling(list(data.ty.shape.values), target)
+            if dims is not None:
+                return relax.op.reshape(data, relax.ShapeExpr(dims))
         plain = (isinstance(data, relax.Expr) and isinstance(getattr(data, "ty", None), relax.TensorType)
                  and not isinstance(data, tvm.ir.GenericConst) and data.ty.ndim >= 0)
         static_target = isinstance(new_shape, (tvm.ir.GenericConst, relax.ShapeExpr))

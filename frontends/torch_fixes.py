@@ -10,6 +10,17 @@
   `to.device` / `to.other` / `to.dtype_layout`-style casts appear when decomposition is skipped
   (TVM refuses `to.device`); a device move is the identity in a compiled graph, a dtype in the
   arguments is an astype.
+- `cat` with an empty 1-D input: HF's DynamicCache starts each layer's keys/values as an empty
+  `torch.tensor([])` and concatenates the past onto it (GPT-2 decode). torch's cat skips 1-D tensors
+  of size 0 whatever the others' rank (legacy rule); relax.concat requires one rank ("Concat expects
+  all input tensors to have same ndim"). The converter drops statically empty 1-D inputs.
+- `slice` with a symbolic end that torch proved in bounds: BERT slices its position ids [1, 64] to
+  [:, 0:seq]. torch knows seq <= 32 from the program's range constraints, so the slice is [1, seq];
+  TVM clamps the end (strided_slice, assume_inbound=False) and the dim becomes min(seq, 64), which
+  it cannot prove equal to seq, so the add with the [batch, seq, d] embeddings loses its shape and
+  cannot be lowered ("CodeGenVM cannot emit R.add"). When torch's own output size of the node is
+  exactly end - start, the converter emits the slice with assume_inbound=True (dim end - start);
+  any other slice goes to TVM's converter.
 - `unsupported_ops` names every call the importer has no converter for, so the caller can fail
   with the op and node instead of TVM's assertion.
 """
@@ -40,7 +51,74 @@ def _to_any(node, importer):
     return importer.block_builder.emit(relax.op.astype(x, importer._convert_data_type(dtype, importer.env)))
 
 
-CONVERTERS = {"to.device": _to_any, "to.other": _to_any, "to.prim_device": _to_any}
+def _cat(node, importer):
+    """aten.cat / concat: inputs of static shape [0] dropped (torch skips them), then relax.concat."""
+    from tvm import relax, tirx
+
+    tensors = importer.retrieve_args(node)[0]
+    axis = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
+
+    def empty_1d(t):
+        dims = getattr(t.ty, "shape", None)
+        return dims is not None and len(dims) == 1 and isinstance(dims[0], tirx.IntImm) and int(dims[0]) == 0
+
+    kept = [t for t in tensors if not empty_1d(t)] or list(tensors)
+    if len(kept) == 1:
+        return kept[0]
+    return importer.block_builder.emit(relax.op.concat(kept, axis=axis))
+
+
+def _sym_expr(v):
+    """The sympy expression (or int) of a slice bound: an int, or an fx node whose value is a SymInt."""
+    import torch
+
+    v = v.meta.get("val") if hasattr(v, "meta") else v
+    if isinstance(v, torch.SymInt):
+        return v.node.expr
+    return v if isinstance(v, int) else None
+
+
+def _slice_args(node):
+    """(x, dim, start, end, step) of aten.slice.Tensor, defaults filled in (end None: to the end)."""
+    args = list(node.args) + [None] * (5 - len(node.args))
+    x, dim, start, end, step = args[:5]
+    return x, 0 if dim is None else dim, 0 if start is None else start, end, 1 if step is None else step
+
+
+def _proven_in_bounds(node) -> bool:
+    """aten.slice.Tensor(x, dim, start, end[, 1]) with a symbolic bound whose output size torch's shape
+    analysis (range constraints included) found to be exactly end - start: no clamping can occur."""
+    import sympy
+
+    _, dim, start, end, step = _slice_args(node)
+    if step != 1 or end is None:
+        return False
+    if not any(hasattr(b, "meta") for b in (start, end)):
+        return False  # static bounds: TVM's shapes are exact
+    val = node.meta.get("val")
+    lo, hi = _sym_expr(start), _sym_expr(end)
+    if val is None or lo is None or hi is None or (isinstance(lo, int) and lo < 0):
+        return False
+    size = val.shape[dim]
+    size = size.node.expr if hasattr(size, "node") else size
+    return sympy.simplify(sympy.sympify(size) - (sympy.sympify(hi) - sympy.sympify(lo))) == 0
+
+
+def _slice(node, importer):
+    """aten.slice.Tensor: assume_inbound=True where torch proved the bounds, else TVM's converter."""
+    from tvm import relax
+
+    if not _proven_in_bounds(node):
+        return importer._slice(node)
+    x, dim, start, end, _ = _slice_args(node)
+    x = importer.env[x]
+    start, end = (importer.env[b] if hasattr(b, "meta") else b for b in (start, end))
+    return importer.block_builder.emit(relax.op.strided_slice(x, [dim], [start], [end], [1],
+                                                              assume_inbound=True))
+
+
+CONVERTERS = {"to.device": _to_any, "to.other": _to_any, "to.prim_device": _to_any,
+              "cat.default": _cat, "concat.default": _cat, "slice.Tensor": _slice}
 
 
 def views_to_reshapes(ep):

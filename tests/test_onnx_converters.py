@@ -159,3 +159,41 @@ def test_overrides_replace_tvm_converters_only_in_our_map():
     assert set(ours) == set(tvms)
     for op, cls in conv.OVERRIDES.items():
         assert ours[op] is cls and tvms[op] is not cls and issubclass(cls, tvms[op])
+
+
+def test_reshape_of_symbolic_scalar_and_minus_one_of_a_sum(tmp_path):
+    """Decode graphs (dynamo exporter, Llama with past): past + seq computed from two Shapes, Reshape'd
+    to [1] and Concat'ed into a target [-1, past + seq, D]. TVM passed the scalar expression to
+    relax.reshape, and solved the -1 as b * 2 * (p + s) * 4 // (p * 4 + s * 4), which the LLVM build
+    could not lower."""
+    nodes = [oh.make_node("Concat", ["x", "y"], ["c"], axis=2),
+             oh.make_node("Shape", ["x"], ["px"], start=2, end=3),
+             oh.make_node("Shape", ["y"], ["sy"], start=2, end=3),
+             oh.make_node("Squeeze", ["px", "axes0"], ["p"]),
+             oh.make_node("Squeeze", ["sy", "axes0"], ["s"]),
+             oh.make_node("Add", ["p", "s"], ["total"]),
+             oh.make_node("Reshape", ["total", "one"], ["total1"]),
+             oh.make_node("Concat", ["minus1", "total1", "four"], ["target"], axis=0),
+             oh.make_node("Reshape", ["c", "target"], ["z"])]
+    path = _save(tmp_path, nodes, [oh.make_tensor_value_info("x", TP.FLOAT, ["b", 2, "p", 4]),
+                                   oh.make_tensor_value_info("y", TP.FLOAT, ["b", 2, "s", 4])],
+                 [oh.make_tensor_value_info("z", TP.FLOAT, [None, None, 4])],
+                 [_i64("axes0", [0]), _i64("one", [1]), _i64("minus1", [-1]), _i64("four", [4])])
+    rng = np.random.default_rng(0)
+    feeds = {"x": rng.standard_normal((3, 2, 5, 4)).astype(np.float32),
+             "y": rng.standard_normal((3, 2, 2, 4)).astype(np.float32)}
+    imp, got, want = _run_both(path, feeds)
+    assert got.shape == want.shape == (6, 7, 4)
+    np.testing.assert_allclose(got, want)
+    ret = imp.mod["main"].ret_ty
+    assert isinstance(ret.shape, relax.ShapeExpr) and "//" not in str(ret.shape), ret
+
+
+def test_reshape_minus_one_cancels_equal_dims():
+    """-1 of [b, 4, p + s, 8] -> [-1, p + s, 8] is b * 4 (matched dims cancelled, no division)."""
+    b, p, s = (tvm.tirx.Var(n, "int64") for n in "bps")
+    x = relax.Var("x", relax.TensorType([b, 4, p + s, 8], "float32"))
+    ty = _call(conv.Reshape, [x, relax.ShapeExpr([-1, p + s, 8])])
+    assert str(ty.shape) == str(relax.ShapeExpr([b * 4, p + s, 8])), ty
+    ty = _call(conv.Reshape, [x, relax.const(np.asarray([0, 2, -1, 16], np.int64))])
+    assert str(ty.shape) == str(relax.ShapeExpr([b, 2, p + s, 16])), ty

@@ -91,3 +91,64 @@ def test_unsupported_op_is_named():
     ep = torch.export.export(Unsupported(), (torch.ones(2, 3),))
     with pytest.raises(NibbleError, match=r"op \S*zeta\S* at node '\w+' is not supported"):
         import_model(ep)
+
+
+class CatOntoEmptyCache(torch.nn.Module):
+    """HF DynamicCache's first update: torch.cat of an empty 1-D placeholder and the rank-4 past."""
+
+    def forward(self, past, new):
+        keys = torch.cat([torch.tensor([]), past], dim=-2)
+        return torch.cat([keys, new], dim=-2)
+
+
+def test_cat_skips_empty_1d_inputs():
+    past = np.random.default_rng(0).standard_normal((2, 2, 3, 4)).astype(np.float32)
+    new = np.random.default_rng(1).standard_normal((2, 2, 1, 4)).astype(np.float32)
+    b = torch.export.Dim("b", max=8)
+    imp = import_model(_export(CatOntoEmptyCache(), past, new,
+                               dims=({0: b, 2: torch.export.Dim("p", max=32)}, {0: b})))
+    for p in (3, 5):
+        xp, xn = past[:1, :, :1].repeat(p, axis=2), new[:1]
+        want = CatOntoEmptyCache()(torch.from_numpy(xp), torch.from_numpy(xn)).numpy()
+        np.testing.assert_array_equal(_run(imp, xp, xn), want)
+
+
+class SlicedPositions(torch.nn.Module):
+    """BERT's embeddings: position ids [1, 64] sliced to [:, :seq], embedded, added to [b, seq, d]."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("pos", torch.arange(64).unsqueeze(0), persistent=False)
+        self.emb = torch.nn.Embedding(64, 4)
+
+    def forward(self, x):
+        return x + self.emb(self.pos[:, :x.shape[1]])
+
+
+def test_slice_proven_in_bounds_keeps_the_dim():
+    """seq <= 32 < 64 (range constraints): torch's slice is [1, seq]; TVM's was [1, min(seq, 64)] and
+    the add with [b, seq, 4] lost its shape ("CodeGenVM cannot emit R.add")."""
+    torch.manual_seed(0)
+    m = SlicedPositions().eval()
+    x = np.random.default_rng(0).standard_normal((2, 5, 4)).astype(np.float32)
+    ep = _export(m, x, dims=({0: torch.export.Dim("b", max=8), 1: torch.export.Dim("s", max=32)},))
+    imp = import_model(ep)
+    assert "min" not in str(imp.mod["main"].ret_ty), imp.mod["main"].ret_ty
+    for shape in [(2, 5, 4), (1, 9, 4)]:
+        xi = np.random.default_rng(1).standard_normal(shape).astype(np.float32)
+        want = m(torch.from_numpy(xi)).detach().numpy()
+        np.testing.assert_allclose(_run(imp, xi), want, rtol=1e-6)
+
+
+def test_slice_not_provably_in_bounds_goes_to_tvm():
+    """A static slice, and one whose torch size is not end - start, keep TVM's (clamping) converter."""
+    class Static(torch.nn.Module):
+        def forward(self, x):
+            return x[:, 1:100]
+
+    ep = torch.export.export(Static(), (torch.ones(2, 8),))
+    node = next(n for n in ep.graph_module.graph.nodes if n.op == "call_function"
+                and "slice" in str(n.target))
+    assert not torch_fixes._proven_in_bounds(node)
+    imp = import_model(ep)
+    np.testing.assert_array_equal(_run(imp, np.ones((2, 8), np.float32)), np.ones((2, 7), np.float32))

@@ -30,6 +30,7 @@ VOCAB, LAYERS = 128, 2
 SHAPES = [(2, 8), (1, 5)]  # (batch, seq) for prefill
 DECODE_SHAPES = [(2, 6, 1), (1, 3, 2)]  # (batch, past, seq)
 FP32_TOL, INT4_TOL = 1e-4, 1e-3
+FP32_SEED, INT4_SEED = 1, 2  # input seeds of the two checks (tests/prebuild_zoo_for_gpu.py reuses them)
 
 
 def _configs():
@@ -207,17 +208,19 @@ FAST = {("gpt2", e, False) for e in EXPORTERS} | {("llama", e, False) for e in E
     ("llama", "dynamo", True)}
 
 
-# Known gaps (issue 5), asserted to still fail (strict xfail) so a fix shows up:
-# - BERT via torch.export adds position embeddings sliced to min(seq, 64) to a [batch, seq, d] tensor;
-#   Relax cannot prove the broadcast, leaves the add's shape unknown, and LegalizeOps cannot lower it
-#   ("CodeGenVM cannot emit R.add"): needs the program's range constraints (seq <= max) in the shape
-#   arithmetic. It imports, so only the builds fail.
-# - GPT-2 decode via torch.export: HF's DynamicCache concatenates an empty rank-1 placeholder with the
-#   rank-4 past ("Concat expects all input tensors to have same ndim").
-# - Llama decode via the dynamo ONNX exporter: a Reshape whose input the importer did not type.
-BUILD_FAILURES = {("bert", "ep", False): "BERT torch.export: R.add with unprovable broadcast left unlowered"}
-IMPORT_FAILURES = {("gpt2", "ep", True): "GPT-2 decode torch.export: DynamicCache concat of rank 1 and 4",
-                   ("llama", "dynamo", True): "Llama decode dynamo ONNX: Reshape of an untyped input"}
+# Known gaps, asserted to still fail (strict xfail) so a fix shows up. None at present; the three
+# earlier ones are fixed in frontends/ (BERT torch.export: torch_fixes._slice; GPT-2 decode
+# torch.export: torch_fixes._cat; Llama decode dynamo ONNX: onnx_converters.Reshape of a scalar).
+BUILD_FAILURES: dict[tuple, str] = {}
+IMPORT_FAILURES: dict[tuple, str] = {}
+
+
+# (model, exporter, decode): every model prefill, the decoders also with past
+ALL = [(m, e, False) for m in MODELS for e in EXPORTERS] + [(m, e, True) for m in DECODE_MODELS for e in EXPORTERS]
+
+
+def case_id(m, e, d) -> str:
+    return f"{m}{'_decode' if d else ''}-{e}"
 
 
 def _case(m, e, d, build=True):
@@ -225,13 +228,11 @@ def _case(m, e, d, build=True):
     why = IMPORT_FAILURES.get((m, e, d)) or (BUILD_FAILURES.get((m, e, d)) if build else None)
     if why:
         marks += (pytest.mark.xfail(reason=why, strict=True),)
-    return pytest.param(m, e, d, id=f"{m}{'_decode' if d else ''}-{e}", marks=marks)
+    return pytest.param(m, e, d, id=case_id(m, e, d), marks=marks)
 
 
-CASES = ([_case(m, e, False) for m in MODELS for e in EXPORTERS]
-         + [_case(m, e, True) for m in DECODE_MODELS for e in EXPORTERS])
-IMPORT_CASES = ([_case(m, e, False, build=False) for m in MODELS for e in EXPORTERS]
-                + [_case(m, e, True, build=False) for m in DECODE_MODELS for e in EXPORTERS])
+CASES = [_case(*c) for c in ALL]
+IMPORT_CASES = [_case(*c, build=False) for c in ALL]
 
 
 @pytest.mark.parametrize("name, exporter, decode", CASES)
@@ -239,7 +240,7 @@ def test_fp32_matches_at_two_shapes(name, exporter, decode, folder):
     path = export(name, exporter, decode, folder)
     artifact = _compile(path, folder, False, f"{name}{'_decode' if decode else ''}_{exporter}_fp32")
     for shape in (DECODE_SHAPES if decode else SHAPES):
-        x = inputs(name, shape, decode, seed=1)
+        x = inputs(name, shape, decode, seed=FP32_SEED)
         got, want = run(artifact, x), reference(name, path, decode, x)
         assert len(got) == len(want)
         for i, (g, w) in enumerate(zip(got, want)):
@@ -304,25 +305,30 @@ def _int4_case(m, e, d):
     return pytest.param(*p.values, id=p.id, marks=marks)
 
 
-INT4_CASES = ([_int4_case(m, e, False) for m in MODELS for e in EXPORTERS]
-              + [_int4_case(m, e, True) for m in DECODE_MODELS for e in EXPORTERS])
+INT4_CASES = [_int4_case(*c) for c in ALL]
+
+
+def int4_references(name: str, decode: bool, x: list[np.ndarray]):
+    """(outputs of the model with dequantized int4 weights, outputs of the fp32 model), numpy, eager."""
+    wrapper_cls = Decode if decode else Prefill
+    t = tuple(torch.from_numpy(a) for a in x)
+    outs = []
+    for m in (dequantized_model(name), model(name)):
+        with torch.no_grad():
+            out = wrapper_cls(m).eval()(*t)
+        outs.append([o.numpy() for o in (out if isinstance(out, tuple) else (out,))])
+    return outs[0], outs[1]
 
 
 @pytest.mark.parametrize("name, exporter, decode", INT4_CASES)
 def test_int4_within_quantization_bound(name, exporter, decode, folder):
     path = export(name, exporter, decode, folder)
     artifact = _compile(path, folder, True, f"{name}{'_decode' if decode else ''}_{exporter}_int4")
-    wrapper_cls = Decode if decode else Prefill
     for shape in (DECODE_SHAPES if decode else SHAPES):
-        x = inputs(name, shape, decode, seed=2)
+        x = inputs(name, shape, decode, seed=INT4_SEED)
         got = run(artifact, x)
-        t = tuple(torch.from_numpy(a) for a in x)
-        with torch.no_grad():
-            deq = wrapper_cls(dequantized_model(name)).eval()(*t)
-            fp = wrapper_cls(model(name)).eval()(*t)
-        deq = deq if isinstance(deq, tuple) else (deq,)
-        fp = fp if isinstance(fp, tuple) else (fp,)
-        err_deq, err_fp = rel_l2(got[0], deq[0].numpy()), rel_l2(got[0], fp[0].numpy())
+        deq, fp = int4_references(name, decode, x)
+        err_deq, err_fp = rel_l2(got[0], deq[0]), rel_l2(got[0], fp[0])
         print(f"{name} {exporter} int4 {shape}: rel L2 vs dequantized ref {err_deq:.2e}, vs fp32 {err_fp:.2e}")
         assert err_deq <= INT4_TOL, err_deq
         assert err_fp < 0.5, err_fp  # sanity: int4 of random weights, not garbage
