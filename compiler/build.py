@@ -34,9 +34,12 @@ def relax_pipeline(target):
 
     from schedules import gpu_rules
 
+    from .unfuse_scalars import unfuse_scalar_param_funcs
+
     legalize = [
         relax.transform.LegalizeOps(),
         relax.transform.AnnotateTIROpPattern(),
+        unfuse_scalar_param_funcs,  # TVM 0.27's FuseTIR fails on scalar params (HF decoders have them)
         relax.transform.FoldConstant(),
         relax.transform.FuseOps(),
         relax.transform.FuseTIR(),
@@ -61,7 +64,7 @@ def prepare(mod, spec: dict, tuning=None, log=print):
     if spec["kind"] == "cuda":
         from .dispatch import dispatch_small_m
 
-        mod = dispatch_small_m(mod)  # int4 kernels: GEMV copies for small m, GEMM otherwise
+        mod = dispatch_small_m(mod, arch=spec["arch"])  # int4 kernels: a copy per token bucket
     mod, applied = apply_records(mod, spec, tuning, log)
     return mod, {t.key: applied.get(t.key) for t in extract_tasks(mod, spec)}
 

@@ -95,7 +95,11 @@ def register_nvcc_callback(arch: str) -> None:
             cmd = [nvcc, "--cubin", "-O3", f"-arch={arch}", "-o", str(cubin), str(cu)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode:
-                raise NibbleError(f"nvcc failed for {arch}:\n{r.stderr.strip()[-2000:]}")
+                # TVM's generated code draws hundreds of unused-variable warnings: show the errors
+                lines = r.stderr.splitlines()
+                errs = [" | ".join(lines[i:i + 2]) for i, ln in enumerate(lines) if " error" in ln]
+                raise NibbleError(f"nvcc failed for {arch} ({cu.name} kept out of the artifact):\n"
+                                  + "\n".join(errs[:12] or lines[-20:]))
             return bytearray(cubin.read_bytes())
 
     tvm_ffi.register_global_func("tvm_callback_cuda_compile", compile_cuda, override=True)

@@ -22,6 +22,7 @@ def _device(kind: str):
     import tvm
 
     if kind in ("cuda", "gpu"):
+        _load_cuda_runtime_lib()  # a runtime-only TVM cannot even see the GPU before this
         dev = tvm.runtime.cuda(0)
         if not dev.exist:
             raise NibbleError("device 'cuda' requested but no CUDA GPU is visible on this machine")
@@ -76,7 +77,9 @@ class CompiledModel:
             _load_cuda_runtime_lib()
         artifact.verify_library(self.path, meta)
         lib = tvm.runtime.load_module(str(self.path / artifact.LIB))
-        self.vm = tvm.runtime.vm.VirtualMachine(lib, self.device)
+        from tvm.runtime.vm import VirtualMachine  # not imported by a runtime-only `import tvm`
+
+        self.vm = VirtualMachine(lib, self.device)
         try:
             values = load_file(str(self.path / artifact.WEIGHTS))
         except Exception as e:

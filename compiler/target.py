@@ -15,6 +15,9 @@ def local_gpu_arch() -> str | None:
     try:
         import tvm
 
+        from .runtime import _load_cuda_runtime_lib
+
+        _load_cuda_runtime_lib()  # a runtime-only TVM does not load its CUDA runtime by itself
         dev = tvm.cuda(0)
         if dev.exist:
             return "sm_" + dev.compute_version.replace(".", "")
@@ -33,8 +36,17 @@ def _host_cpu() -> dict:
     return {"mcpu": "x86-64-v3"} if all(f in flags for f in (" avx2", " fma", " f16c")) else {}
 
 
-def resolve(target: str, arch: str | None = None) -> dict:
-    """{"kind": "cuda", "arch": "sm_90", ...} or {"kind": "llvm"}; the dict that goes in the manifest."""
+def resolve(target, arch: str | None = None) -> dict:
+    """{"kind": "cuda", "arch": "sm_90", ...} or {"kind": "llvm"}; the dict that goes in the manifest.
+    `target` is a name ("cuda", "llvm", "cpu") or a TVM-style dict such as {"kind": "cuda", "arch": "sm_90"}."""
+    if isinstance(target, dict):
+        unknown = set(target) - {"kind", "arch"}
+        if "kind" not in target or unknown:
+            raise NibbleError(f"target dict {target}: nibble takes {{'kind': 'cuda'|'llvm', 'arch': 'sm_XX'}}"
+                              + (f", not {sorted(unknown)}" if unknown else ""))
+        if arch and target.get("arch") and arch != target["arch"]:
+            raise NibbleError(f"target arch {target['arch']} and --arch {arch} disagree")
+        target, arch = target["kind"], arch or target.get("arch")
     kind = {"cpu": "llvm", "gpu": "cuda"}.get(target, target)
     if kind == "llvm":
         if arch:

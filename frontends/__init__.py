@@ -61,6 +61,7 @@ def split_params(mod, source: str) -> tuple["tvm.IRModule", dict[str, np.ndarray
     from tvm import relax
 
     mod, params = relax.frontend.detach_params(mod)
+    mod = _identifier_param_names(mod)
     func = mod["main"]
     num_input = int(func.attrs["num_input"])
     names = [p.name for p in func.params[num_input:]]
@@ -68,3 +69,35 @@ def split_params(mod, source: str) -> tuple["tvm.IRModule", dict[str, np.ndarray
     if len(names) != len(values):
         raise AssertionError(f"{source}: {len(names)} weight parameters but {len(values)} values")
     return mod, dict(zip(names, values))
+
+
+def identifier(name: str) -> str:
+    """The C identifier a parameter named `name` gets in nibble's modules."""
+    import re
+
+    name = re.sub(r"\W", "_", name)
+    return name if re.match(r"[A-Za-z_]", name) else "_" + name
+
+
+def _identifier_param_names(mod):
+    """Rename main's parameters whose names are not C identifiers ("/model/rotary_emb/Constant_1_output_0":
+    ONNX exporters name initializers after graph paths). TIR buffers inherit these names and TVM's CUDA
+    codegen writes them into the kernel signature as they are, which nvcc rejects."""
+    from tvm import relax
+
+    func = mod["main"]
+    rename = {p: relax.Var(identifier(p.name), p.ty) for p in func.params if identifier(p.name) != p.name}
+    if not rename:
+        return mod
+
+    @relax.expr_functor.mutator
+    class _Rename(relax.PyExprMutator):
+        def visit_var_(self, var):
+            return rename.get(var, var)
+
+    body = _Rename(mod).visit_expr(func.body)
+    params = [rename.get(p, p) for p in func.params]
+    mod = mod.clone() if hasattr(mod, "clone") else mod
+    mod["main"] = relax.Function(params, body, func.ret_ty if hasattr(func, "ret_ty") else None,
+                                 func.is_pure, func.attrs, func.span)
+    return mod

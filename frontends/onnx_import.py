@@ -10,14 +10,16 @@ from pathlib import Path
 
 from compiler.errors import NibbleError
 
-from . import Imported, split_params
+from . import Imported, identifier, split_params
+from .onnx_weights import detach_weights
 
 
 def _load(path: Path):
     import onnx
 
     try:
-        model = onnx.load(str(path))  # external data files beside the model load with it
+        # the graph only: weights stay in their external data files (frontends/onnx_weights.py)
+        model = onnx.load(str(path), load_external_data=False)
     except Exception as e:  # protobuf's DecodeError, truncated files, missing external data
         raise NibbleError(f"{path}: not a readable ONNX model ({type(e).__name__}: {e})") from None
     try:
@@ -141,7 +143,8 @@ def _convert(model, shape_dict, dtype_dict):
     """TVM's from_onnx (keep_params_in_input=True) with our converter map."""
     importer = _importer_class()(shape_dict, dtype_dict, keep_params_in_input=True, sanitize=True)
     importer.value_dims = _inferred_dims(model)
-    return importer.from_onnx(model.graph, _opset(model))
+    mod = importer.from_onnx(model.graph, _opset(model))
+    return mod, {name: var.name for name, var in importer._inputs.items()}  # ONNX name -> param name
 
 
 def from_onnx_file(path: Path, shapes: dict[str, tuple] | None = None) -> Imported:
@@ -168,15 +171,24 @@ def from_onnx_file(path: Path, shapes: dict[str, tuple] | None = None) -> Import
         # TVM takes a shape_dict entry whole: pinned dims as ints, the rest as their tir vars
         shape_dict[name] = [p if p is not None else (d if isinstance(d, int) else tvm.tirx.Var(d or f"{name}_dim{i}", "int64"))
                             for i, (p, d) in enumerate(zip(pinned, dims))]
+    try:
+        weights = detach_weights(model, path.parent)
+    except (OSError, ValueError) as e:  # a missing or short external data file
+        raise NibbleError(f"{path}: cannot read its weights: {e}") from None
+    for name, value in weights:
+        dtype_dict[name] = value.dtype.name
     model = prepare(model)
     try:
-        mod = _convert(model, shape_dict, dtype_dict)
+        mod, var_names = _convert(model, shape_dict, dtype_dict)
     except NibbleError:
         raise
     except Exception as e:
         msg = str(e).strip().splitlines()
         raise NibbleError(f"{path}: TVM's ONNX importer failed: {msg[-1] if msg else type(e).__name__}") from None
     mod, params = split_params(mod, str(path))
+    if weights:  # they came in as inputs right after the model's own: make them weight parameters again
+        mod["main"] = mod["main"].with_attr("num_input", len(specs))
+        params.update({identifier(var_names[name]): value for name, value in weights})
     # TVM renames inputs into identifiers (past_key_values.0.key -> past_key_values_0_key); users and
     # the manifest keep the model's own names
     return Imported(mod, params, [o.name for o in model.graph.output], str(path), input_names=list(specs))

@@ -138,3 +138,23 @@ def test_past_shapes_that_do_not_match_the_model(fp32_artifact):
     bad = {f"past_key_values.{i}.{kv}": np.zeros((1, 3, 0, 32), np.float32) for i in range(2) for kv in ("key", "value")}
     with pytest.raises(nibble.NibbleError, match="input 'past_key_values.0.key': dim 1 is pinned to 2, got 3"):
         m(input_ids=np.zeros((1, 2), np.int64), **bad)
+
+
+def test_hf_llama_greedy_equals_transformers(tmp_path):
+    """A model nobody here wrote: transformers' Llama exported with past by nibble.hf, compiled without
+    quantization; nibble's greedy tokens equal transformers' own generate()."""
+    transformers = pytest.importorskip("transformers")
+    from nibble.hf import export_causal_lm_with_past
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    export_causal_lm_with_past(model, tmp_path / "llama.onnx")
+    art = nibble.compile_model(tmp_path / "llama.onnx", target="llvm", quantize=False, output=tmp_path / "l.nibble",
+                               log=lambda s: None)
+    prompt = np.array([[3, 17, 42, 9, 100], [5, 6, 7, 8, 9]])
+    got = nibble.load(art).generate(prompt, max_new_tokens=10).tokens
+    with torch.no_grad():
+        want = model.generate(torch.from_numpy(prompt), max_new_tokens=10, min_new_tokens=10, do_sample=False)
+    np.testing.assert_array_equal(got, want[:, prompt.shape[1]:].numpy())

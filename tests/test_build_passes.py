@@ -1,0 +1,62 @@
+"""The small Relax/TIR fixes the build applies before TVM's own passes (compiler/unfuse_scalars.py,
+frontends' identifier parameter names), each on the minimal pattern that broke real models."""
+import pytest
+
+tvm = pytest.importorskip("tvm")
+from tvm import relax, tirx  # noqa: E402
+
+
+def _position_ids_module():
+    """arange(seq) + past, the way HF decoders compute position ids (past is a shape value)."""
+    seq, past = tirx.Var("seq", "int64"), tirx.Var("past", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([seq], "int64"))
+    cache = relax.Var("cache", relax.TensorType([past, 4], "float32"))
+    with bb.function("main", [x, cache]):
+        with bb.dataflow():
+            pos = bb.emit(relax.op.arange(0, seq, 1, dtype="int64"))
+            shifted = bb.emit(relax.op.add(pos, past))
+            out = bb.emit_output(relax.op.add(shifted, x))
+        bb.emit_func_output(out)
+    return bb.get()
+
+
+def test_scalar_param_funcs_are_not_fused():
+    from compiler.unfuse_scalars import unfuse_scalar_param_funcs
+
+    passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), unfuse_scalar_param_funcs,
+              relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    with tvm.target.Target({"kind": "llvm"}):
+        mod = tvm.transform.Sequential(passes)(_position_ids_module())
+    scalar = [gv.name_hint for gv, f in mod.functions.items()
+              if isinstance(f, tirx.PrimFunc) and any(isinstance(p.ty, tvm.ir.PrimType) for p in f.params)]
+    assert scalar, "the add of a scalar stays its own kernel"
+    ex = tvm.compile(mod, target="llvm")
+    import numpy as np
+
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    got = vm["main"](tvm.runtime.tensor(np.arange(5, dtype="int64")), tvm.runtime.tensor(np.zeros((3, 4), "float32")))
+    np.testing.assert_array_equal(got.numpy(), np.arange(5) + 3 + np.arange(5))
+
+
+def test_onnx_initializer_paths_become_identifiers(tmp_path):
+    """The ONNX exporters name initializers after graph paths ("/model/rotary_emb/Constant_output_0");
+    TIR buffers inherit parameter names, and nvcc rejects such a name in a kernel signature."""
+    import numpy as np
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = numpy_helper.from_array(np.ones((4, 3), np.float32), "/model/Constant_1_output_0")
+    g = helper.make_graph([helper.make_node("MatMul", ["x", w.name], ["y"])], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 3])], [w])
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    from frontends import import_model
+
+    import re
+
+    imp = import_model(tmp_path / "m.onnx")
+    names = [p.name for p in imp.mod["main"].params]
+    assert names[0] == "x" and len(names) == 2
+    assert re.fullmatch(r"[A-Za-z_]\w*", names[1]) and "model_Constant_1_output_0" in names[1]
+    assert list(imp.params) == names[1:]
