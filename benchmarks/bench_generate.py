@@ -284,11 +284,19 @@ def phase_nibble(args, res):
     runs = [m.generate(ids, max_new_tokens=NEW) for _ in range(args.repeat + 1)][1:]
     pre = statistics.median(r.prefill_ms for r in runs)
     dec = statistics.median(r.decode_ms_per_token for r in runs)
+    graphs = bool(m._generator._decoders)  # the fixed-shape, CUDA-graph decode (compiler/graph_decode.py)
+    m._generator.graphs = False  # the same model with the growing cache, every kernel launched by the VM
+    plain = [m.generate(ids, max_new_tokens=NEW) for _ in range(args.repeat + 1)][1:]
+    res["nibble_no_graph"] = {"prefill_ms": statistics.median(r.prefill_ms for r in plain),
+                              "decode_ms": statistics.median(r.decode_ms_per_token for r in plain),
+                              "tokens": plain[-1].tokens.tolist()}
+    log(f"nibble int4 without CUDA graphs: decode {res['nibble_no_graph']['decode_ms']:.2f} ms/token")
     wbytes = sum(os.path.getsize(art / f) for f in ("weights.safetensors",))  # int4 + scales + fp16 rest
     cfg = TINY if args.tiny else LLAMA2_7B
     emb = cfg["vocab_size"] * cfg["hidden_size"] * 2  # the embedding table: one row read per token
     res["nibble"] = {"prefill_ms": pre, "decode_ms": dec, "tokens": runs[-1].tokens.tolist(),
-                     "weight_bytes_read_per_token": wbytes - emb}
+                     "weight_bytes_read_per_token": wbytes - emb, "cuda_graphs": graphs,
+                     "tokens_equal_without_graphs": runs[-1].tokens.tolist() == plain[-1].tokens.tolist()}
     log(f"nibble int4: prefill {pre:.1f} ms, decode {dec:.2f} ms/token ({1e3 / dec:.0f} tokens/s, "
         f"{(wbytes - emb) / (dec * 1e-3) / 1e9:.0f} GB/s of weights)")
     try:
@@ -316,7 +324,9 @@ def write(res, out: Path):
              f"{res['device']}; {res['versions']}; {res['date']}", "",
              "| system | prefill ms | decode ms/token | tokens/s |", "|---|---|---|---|"]
     for key, label in [("hf_eager", "HF fp16 eager"), ("hf_compile", "HF fp16 static cache + torch.compile"),
-                       ("torch_int4", "torch int4 swap + torch.compile"), ("nibble", "nibble int4")]:
+                       ("torch_int4", "torch int4 swap + torch.compile"),
+                       ("nibble_no_graph", "nibble int4, growing cache, no CUDA graph"),
+                       ("nibble", "nibble int4" + (", padded cache in a CUDA graph" if res.get("nibble", {}).get("cuda_graphs") else ""))]:
         if key in res:
             r = res[key]
             lines.append(f"| {label} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | {1e3 / r['decode_ms']:.0f} |")
@@ -341,7 +351,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-compile", action="store_true", help="no torch.compile baselines")
     ap.add_argument("--tiny", action="store_true", help="a small Llama config, on the CPU without a GPU")
-    ap.add_argument("--work", default=str(ROOT / ".bench" / "llama7b"), help="export + artifact folder")
+    ap.add_argument("--work", default=str(ROOT / ".bench" / "llama7b-pos"), help="export + artifact folder")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
     args = ap.parse_args()
     import torch

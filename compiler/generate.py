@@ -7,8 +7,8 @@ Prefill runs the prompt with empty caches (past = 0); each decode step feeds one
 the previous step's present tensors as the next past. The caches never leave the device: the present
 outputs are passed straight back in (the VM's pooled allocator recycles their memory, so a step does no
 cudaMalloc); only the last position's logits come to the host, for sampling and stop checks.
-What is not done yet: CUDA-graph capture of the decode step (the growing past length changes every
-step's shapes; it needs a static cache layout), so each step pays the VM's per-kernel launch cost.
+On a GPU, models that also take position_ids decode with fixed shapes from a left-padded cache,
+replayed from a CUDA graph (compiler/graph_decode.py); other models pay the VM's per-kernel launches.
 """
 from __future__ import annotations
 
@@ -76,6 +76,10 @@ class Generator:
         p0, q0 = self.past[0]["shape"], by_role[_cache_role(self.past[0]["name"])]["shape"]
         self.axis = next((a for a, (x, y) in enumerate(zip(p0, q0)) if isinstance(x, str) and x != y), 2)
         self.max_length = model.manifest.get("max_length")
+        # fixed-shape decode steps (compiler/graph_decode.py): None = on a GPU when the model allows,
+        # True = also uncaptured on the CPU (tests), False = never
+        self.graphs = None
+        self._decoders = {}
 
     def _empty_past(self, batch: int):
         import tvm
@@ -133,6 +137,9 @@ class Generator:
         logits, past = self._step(ids, self._empty_past(b), 0)
         prefill = time.perf_counter() - t0
         t1 = time.perf_counter()
+        padded = self._padded(b, ids.shape[1] + max_new_tokens) if max_new_tokens > 1 else None
+        if padded:
+            padded.start(past, ids.shape[1])
         steps = 0
         for n in range(max_new_tokens):
             tok = self._pick(logits, do_sample, temperature, top_k, top_p, rng)
@@ -141,10 +148,32 @@ class Generator:
             done |= np.isin(tok, list(stop)) if stop else False
             if done.all() or n == max_new_tokens - 1:
                 break
-            logits, past = self._step(tok[:, None], past, ids.shape[1] + n)
+            if padded:
+                logits = padded.step(tok)
+            else:
+                logits, past = self._step(tok[:, None], past, ids.shape[1] + n)
             steps += 1
         decode = time.perf_counter() - t1
         return Generation(np.stack(out, 1), prefill * 1e3, decode * 1e3 / steps if steps else 0.0, steps)
+
+    def _padded(self, batch: int, length: int):
+        """The fixed-shape decode (compiler/graph_decode.py) where the model allows it: it needs
+        position_ids and attention_mask inputs and torch; it is captured in a CUDA graph on a GPU."""
+        if self.graphs is False or not (self.positions and self.mask):
+            return None
+        try:
+            import torch
+        except ImportError:
+            return None
+        from .graph_decode import BUCKET, PaddedDecode
+
+        capture = self.model.device.dlpack_device_type() == 2 and torch.cuda.is_available()
+        if self.graphs is None and not capture:
+            return None  # on the CPU there is no launch overhead to save
+        key = (batch, -(-length // BUCKET) * BUCKET)
+        if key not in self._decoders:
+            self._decoders[key] = PaddedDecode(self, batch, length, capture)
+        return self._decoders[key]
 
     @staticmethod
     def _pick(logits, do_sample, temperature, top_k, top_p, rng) -> np.ndarray:

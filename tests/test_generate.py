@@ -158,3 +158,27 @@ def test_hf_llama_greedy_equals_transformers(tmp_path):
     with torch.no_grad():
         want = model.generate(torch.from_numpy(prompt), max_new_tokens=10, min_new_tokens=10, do_sample=False)
     np.testing.assert_array_equal(got, want[:, prompt.shape[1]:].numpy())
+
+
+def test_padded_fixed_shape_decode_equals_growing_cache(tmp_path):
+    """The fixed-shape decode that GPUs replay from a CUDA graph (compiler/graph_decode.py), run
+    uncaptured: a left-padded, masked cache gives the same tokens as the growing one."""
+    transformers = pytest.importorskip("transformers")
+    from nibble.hf import export_causal_lm_with_past
+
+    torch.manual_seed(1)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    export_causal_lm_with_past(transformers.LlamaForCausalLM(cfg).eval(), tmp_path / "llama.onnx")
+    art = nibble.compile_model(tmp_path / "llama.onnx", target="llvm", quantize=False, output=tmp_path / "l.nibble",
+                               log=lambda s: None)
+    m = nibble.load(art)
+    prompt = np.array([[3, 17, 42, 9, 100], [5, 6, 7, 8, 9]])
+    m.generate(prompt, max_new_tokens=2)  # builds the generator
+    gen = m._generator
+    gen.graphs = False
+    growing = m.generate(prompt, max_new_tokens=12).tokens
+    gen.graphs = True
+    padded = m.generate(prompt, max_new_tokens=12).tokens
+    assert gen._decoders, "the padded decode ran"
+    np.testing.assert_array_equal(padded, growing)

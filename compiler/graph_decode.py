@@ -1,0 +1,115 @@
+"""Decode steps with fixed shapes, replayed from one CUDA graph per cache length.
+
+A decoder exported with past grows its cache every step (present = concat(past, new)), so each step
+has new shapes and the VM launches its ~1000 kernels one by one from the host (a Llama-2-7B step:
+~4.8 ms of kernels, ~7.2 ms of wall time). When the model also takes position_ids, the cache can stay
+at a fixed length P instead, left-padded and masked out:
+
+    past [b, h, P, d]  (the oldest P - n slots are padding: attention_mask 0 there)
+      -> model(input_ids [b, 1], attention_mask [b, P + 1], position_ids [b, 1] = n, past)
+      -> present [b, h, P + 1, d]  -> drop the oldest slot (a padding one) -> the next past [b, h, P, d]
+
+so every step has the same shapes. The step (the VM call plus the copies that drop the oldest slot
+back into the input buffers) is captured once into a CUDA graph (torch.cuda.graph; TVM launches on
+torch's capture stream through tvm_ffi.use_torch_stream) and replayed: the host only writes the new
+token, its position and one mask column. P is the prompt plus the new tokens rounded up to BUCKET,
+so one capture serves a whole generation and later ones of similar length.
+Padding changes nothing the model computes for real tokens (masked keys get zero weight, positions
+come from position_ids), which tests/test_generate.py checks token for token; without a GPU the same
+padded steps run uncaptured.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+BUCKET = 128  # cache lengths are multiples of this (one capture per length and batch)
+
+
+class PaddedDecode:
+    """Fixed-shape decode for a Generator (compiler/generate.py) whose model takes position_ids."""
+
+    def __init__(self, gen, batch: int, length: int, capture: bool):
+        import torch
+
+        self.gen, self.model = gen, gen.model
+        self.P = -(-length // BUCKET) * BUCKET
+        dev = "cuda" if capture else "cpu"
+        spec = {i["name"]: i for i in self.model.inputs}
+        self.ids = torch.zeros((batch, 1), dtype=getattr(torch, gen.ids["dtype"]), device=dev)
+        self.mask = torch.zeros((batch, self.P + 1), dtype=getattr(torch, gen.mask["dtype"]), device=dev)
+        self.pos = torch.zeros((batch, 1), dtype=getattr(torch, gen.positions["dtype"]), device=dev)
+        self.past = []
+        for p in gen.past:
+            shape = [batch if a == 0 else self.P if a == gen.axis else d for a, d in enumerate(p["shape"])]
+            self.past.append(torch.zeros(shape, dtype=getattr(torch, p["dtype"]), device=dev))
+        self.feed = {gen.ids["name"]: self.ids, gen.mask["name"]: self.mask, gen.positions["name"]: self.pos}
+        self.feed.update({p["name"]: t for p, t in zip(gen.past, self.past)})
+        assert set(self.feed) == set(spec), (sorted(self.feed), sorted(spec))
+        self.capture, self.graph, self.out = capture, None, None
+        self.n = 0
+
+    def start(self, present: list, n: int) -> None:
+        """Take the prefill's caches (length n) as the newest n slots of the padded cache."""
+        import torch
+
+        if n >= self.P:
+            raise ValueError(f"cache of {n} does not fit the padded length {self.P}")
+        self.mask.zero_()
+        self.mask[:, self.P - n:] = 1  # the n cached tokens and (last column) the token being fed
+        for t, src in zip(self.past, present):
+            t.zero_()
+            t.narrow(self.gen.axis, self.P - n, n).copy_(torch.from_dlpack(src))
+        self.n = n
+
+    def _run(self):
+        """One model call on the static buffers, then the oldest slot dropped into the past buffers."""
+        import torch
+        import tvm
+
+        args = [tvm.runtime.from_dlpack(self.feed[i["name"]]) for i in self.model.inputs]
+        out = self.model._main(*args, *self.model.params)
+        present = [torch.from_dlpack(out[i]) for i in self.gen.present_index]
+        for t, p in zip(self.past, present):
+            t.copy_(p.narrow(self.gen.axis, 1, self.P))
+        return out, torch.from_dlpack(out[self.gen.logits_index])
+
+    def _capture(self):
+        import torch
+        import tvm_ffi
+
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        keep = [t.clone() for t in self.past]  # warm-up steps must not advance the real cache
+        with tvm_ffi.use_torch_stream(torch.cuda.stream(side)):
+            for _ in range(2):  # fills the VM's memory pool so the capture allocates nothing
+                self._run()
+        torch.cuda.current_stream().wait_stream(side)
+        for t, k in zip(self.past, keep):
+            t.copy_(k)
+        self.graph = torch.cuda.CUDAGraph()
+        # "relaxed": should the VM's pool still need a cudaMalloc, it may (the memory outlives the graph)
+        with tvm_ffi.use_torch_stream(torch.cuda.graph(self.graph, capture_error_mode="relaxed")):
+            self.out = self._run()  # the outputs live at the captured addresses: keep them
+
+    def step(self, tok: np.ndarray) -> np.ndarray:
+        """Feed one token per sequence; returns the next logits [b, vocab] (float32, host)."""
+        if self.n + 1 > self.P:
+            raise ValueError("padded cache is full")
+        self.ids.copy_(self._host(tok[:, None], self.ids))
+        self.pos.fill_(self.n)
+        if self.capture:
+            if self.graph is None:
+                self._capture()  # records the step without running it
+            self.graph.replay()
+            logits = self.out[1]
+        else:
+            logits = self._run()[1]
+        self.n += 1
+        self.mask[:, self.P - self.n] = 1  # after the shift this step's token sits there
+        return logits[:, -1, :].float().cpu().numpy()
+
+    @staticmethod
+    def _host(a: np.ndarray, like):
+        import torch
+
+        return torch.from_numpy(np.ascontiguousarray(a)).to(like.dtype)
