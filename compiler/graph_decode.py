@@ -90,6 +90,9 @@ class PaddedDecode:
         # "relaxed": should the VM's pool still need a cudaMalloc, it may (the memory outlives the graph)
         with tvm_ffi.use_torch_stream(torch.cuda.graph(self.graph, capture_error_mode="relaxed")):
             self.out = self._run()  # the outputs live at the captured addresses: keep them
+        # The step's intermediates went back to the VM's pool, and later VM calls (the next prefill)
+        # may use that memory between replays. That is safe because a replay rewrites all of them
+        # before reading, and what outlives a replay (self.out, the torch input buffers) is not pooled.
 
     def step(self, tok: np.ndarray) -> np.ndarray:
         """Feed one token per sequence; returns the next logits [b, vocab] (float32, host)."""
