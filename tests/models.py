@@ -64,3 +64,18 @@ def onnx_unsupported_op(path):
                               [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])])
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
     onnx.save(model, str(path))
+
+
+def hf_llama_with_past(path, seed: int = 0):
+    """transformers' Llama (a tiny config, random init) exported with past by nibble.hf; returns the model."""
+    import torch
+    import transformers
+
+    from nibble.hf import export_causal_lm_with_past
+
+    torch.manual_seed(seed)
+    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    export_causal_lm_with_past(model, path)
+    return model

@@ -5,6 +5,7 @@ import torch
 
 import nibble
 from nibble.cli import main
+from tests import models
 
 
 @pytest.fixture(scope="module")
@@ -143,14 +144,8 @@ def test_past_shapes_that_do_not_match_the_model(fp32_artifact):
 def test_hf_llama_greedy_equals_transformers(tmp_path):
     """A model nobody here wrote: transformers' Llama exported with past by nibble.hf, compiled without
     quantization; nibble's greedy tokens equal transformers' own generate()."""
-    transformers = pytest.importorskip("transformers")
-    from nibble.hf import export_causal_lm_with_past
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    export_causal_lm_with_past(model, tmp_path / "llama.onnx")
+    pytest.importorskip("transformers")
+    model = models.hf_llama_with_past(tmp_path / "llama.onnx")
     art = nibble.compile_model(tmp_path / "llama.onnx", target="llvm", quantize=False, output=tmp_path / "l.nibble",
                                log=lambda s: None)
     prompt = np.array([[3, 17, 42, 9, 100], [5, 6, 7, 8, 9]])
@@ -163,13 +158,8 @@ def test_hf_llama_greedy_equals_transformers(tmp_path):
 def test_padded_fixed_shape_decode_equals_growing_cache(tmp_path):
     """The fixed-shape decode that GPUs replay from a CUDA graph (compiler/graph_decode.py), run
     uncaptured: a left-padded, masked cache gives the same tokens as the growing one."""
-    transformers = pytest.importorskip("transformers")
-    from nibble.hf import export_causal_lm_with_past
-
-    torch.manual_seed(1)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    export_causal_lm_with_past(transformers.LlamaForCausalLM(cfg).eval(), tmp_path / "llama.onnx")
+    pytest.importorskip("transformers")
+    models.hf_llama_with_past(tmp_path / "llama.onnx", seed=1)
     art = nibble.compile_model(tmp_path / "llama.onnx", target="llvm", quantize=False, output=tmp_path / "l.nibble",
                                log=lambda s: None)
     m = nibble.load(art)

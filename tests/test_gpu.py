@@ -136,16 +136,8 @@ def test_generate_on_cuda_matches_torch_greedy(tmp_path):
 def test_graph_decode_on_cuda_equals_transformers(tmp_path):
     """transformers' Llama exported with position_ids: the padded-cache decode replayed from a CUDA graph
     (compiler/graph_decode.py) gives transformers' greedy tokens, as does the growing-cache decode."""
-    transformers = pytest.importorskip("transformers")
-    import torch
-
-    from nibble.hf import export_causal_lm_with_past
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
-    model = transformers.LlamaForCausalLM(cfg).eval()
-    export_causal_lm_with_past(model, tmp_path / "llama.onnx")
+    pytest.importorskip("transformers")
+    model = models.hf_llama_with_past(tmp_path / "llama.onnx")
     art = nibble.compile_model(tmp_path / "llama.onnx", target="cuda", quantize=False, output=tmp_path / "l.nibble",
                                log=print)
     prompt = np.random.default_rng(0).integers(0, 128, (2, 9))
