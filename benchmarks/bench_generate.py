@@ -116,12 +116,11 @@ def hf_eager(model, ids, repeat):
     return (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), runs[-1][2])
 
 
-def hf_static_compiled(model, ids, repeat, dtype=None):
+def hf_static_compiled(model, ids, repeat):
     """gpt-fast style: StaticCache, eager prefill, decode step compiled ("reduce-overhead": CUDA graphs)."""
     import torch
     import transformers
 
-    dtype = dtype or torch.float16
     x = torch.from_numpy(ids).to(DEV)
     cache = transformers.StaticCache(config=model.config, max_cache_len=PROMPT + NEW + 8)
 
@@ -129,7 +128,7 @@ def hf_static_compiled(model, ids, repeat, dtype=None):
         return model(tok, past_key_values=cache, cache_position=pos, use_cache=True).logits[:, -1]
 
     compiled = torch.compile(step, mode="reduce-overhead", fullgraph=True)
-    runs, t_compile = [], None
+    runs = []
     with torch.no_grad():
         for r in range(repeat + 1):
             cache.reset()
@@ -139,17 +138,13 @@ def hf_static_compiled(model, ids, repeat, dtype=None):
             toks, steps = [tok], []
             for i in range(NEW - 1):
                 pos = torch.tensor([PROMPT + i], device=DEV)
-                t0 = time.perf_counter()
                 out, ms = _sync_time(lambda: compiled(tok, pos).clone())
-                if r == 0 and i < 3:
-                    t_compile = (t_compile or 0) + ms / 1e3
                 tok = out.argmax(-1, keepdim=True)
                 toks.append(tok)
                 steps.append(ms)
-            runs.append((pre, statistics.mean(steps[3:]), torch.cat(toks, 1).cpu().numpy()))
+            runs.append((pre, statistics.mean(steps[3:]), torch.cat(toks, 1).cpu().numpy()))  # 3: compile
     runs = runs[1:]
-    return (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), runs[-1][2],
-            t_compile)
+    return (statistics.median(r[0] for r in runs), statistics.median(r[1] for r in runs), runs[-1][2])
 
 
 def swap_int4(model, group: int = 128):
@@ -201,7 +196,7 @@ def phase_torch(args, res):
     if not args.skip_compile:
         t0 = time.time()
         try:
-            pre, dec, toks, tc = hf_static_compiled(model, ids, args.repeat)
+            pre, dec, toks = hf_static_compiled(model, ids, args.repeat)
             res["hf_compile"] = {"prefill_ms": pre, "decode_ms": dec, "tokens": toks.tolist(),
                                  "wall_s": time.time() - t0}
             log(f"HF fp16 static cache + torch.compile: prefill {pre:.1f} ms, decode {dec:.2f} ms/token "
@@ -220,7 +215,7 @@ def phase_torch(args, res):
         t0 = time.time()
         try:
             model = swap_int4(model)
-            pre, dec, toks, tc = hf_static_compiled(model, ids, args.repeat)
+            pre, dec, toks = hf_static_compiled(model, ids, args.repeat)
             res["torch_int4"] = {"prefill_ms": pre, "decode_ms": dec, "tokens": toks.tolist(),
                                  "wall_s": time.time() - t0}
             log(f"torch int4 swap + torch.compile: prefill {pre:.1f} ms, decode {dec:.2f} ms/token "
@@ -314,8 +309,6 @@ def phase_nibble(args, res):
 
 
 def write(res, out: Path):
-    import numpy as np  # noqa: F401
-
     out.mkdir(parents=True, exist_ok=True)
     (out / "h200_generate.json").write_text(json.dumps(res, indent=1, default=str))
     floor_int4 = res.get("nibble", {}).get("weight_bytes_read_per_token")

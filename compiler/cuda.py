@@ -98,7 +98,7 @@ def register_nvcc_callback(arch: str) -> None:
                 # TVM's generated code draws hundreds of unused-variable warnings: show the errors
                 lines = r.stderr.splitlines()
                 errs = [" | ".join(lines[i:i + 2]) for i, ln in enumerate(lines) if " error" in ln]
-                raise NibbleError(f"nvcc failed for {arch} ({cu.name} kept out of the artifact):\n"
+                raise NibbleError(f"nvcc failed for {arch}:\n"
                                   + "\n".join(errs[:12] or lines[-20:]))
             return bytearray(cubin.read_bytes())
 

@@ -165,12 +165,12 @@ class Generator:
             import torch
         except ImportError:
             return None
-        from .graph_decode import BUCKET, PaddedDecode
+        from .graph_decode import PaddedDecode, padded_length
 
         capture = self.model.device.dlpack_device_type() == 2 and torch.cuda.is_available()
         if self.graphs is None and not capture:
             return None  # on the CPU there is no launch overhead to save
-        key = (batch, -(-length // BUCKET) * BUCKET)
+        key = (batch, padded_length(length))
         if key not in self._decoders:
             self._decoders[key] = PaddedDecode(self, batch, length, capture)
         return self._decoders[key]

@@ -25,6 +25,11 @@ import numpy as np
 BUCKET = 128  # cache lengths are multiples of this (one capture per length and batch)
 
 
+def padded_length(length: int) -> int:
+    """The fixed cache length P serving `length` tokens (prompt + new)."""
+    return -(-length // BUCKET) * BUCKET
+
+
 class PaddedDecode:
     """Fixed-shape decode for a Generator (compiler/generate.py) whose model takes position_ids."""
 
@@ -32,7 +37,7 @@ class PaddedDecode:
         import torch
 
         self.gen, self.model = gen, gen.model
-        self.P = -(-length // BUCKET) * BUCKET
+        self.P = padded_length(length)
         dev = "cuda" if capture else "cpu"
         spec = {i["name"]: i for i in self.model.inputs}
         self.ids = torch.zeros((batch, 1), dtype=getattr(torch, gen.ids["dtype"]), device=dev)

@@ -74,7 +74,6 @@ class CompiledModel:
             if got != meta["target"]["arch"]:
                 raise NibbleError(f"{self.path} holds machine code for {meta['target']['arch']}, this GPU "
                                   f"({self.device.device_name}) is {got}; recompile with --arch {got}")
-            _load_cuda_runtime_lib()
         artifact.verify_library(self.path, meta)
         lib = tvm.runtime.load_module(str(self.path / artifact.LIB))
         from tvm.runtime.vm import VirtualMachine  # not imported by a runtime-only `import tvm`

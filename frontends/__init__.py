@@ -97,7 +97,6 @@ def _identifier_param_names(mod):
 
     body = _Rename(mod).visit_expr(func.body)
     params = [rename.get(p, p) for p in func.params]
-    mod = mod.clone() if hasattr(mod, "clone") else mod
-    mod["main"] = relax.Function(params, body, func.ret_ty if hasattr(func, "ret_ty") else None,
-                                 func.is_pure, func.attrs, func.span)
+    mod = mod.clone()
+    mod["main"] = relax.Function(params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
     return mod

@@ -20,15 +20,7 @@ from __future__ import annotations
 
 import warnings
 
-import numpy as np
-
-def _is_weight(init) -> bool:
-    """Float initializers with more than one element stay parameters; the rest become constants."""
-    import onnx
-
-    floats = (onnx.TensorProto.FLOAT, onnx.TensorProto.FLOAT16, onnx.TensorProto.BFLOAT16,
-              onnx.TensorProto.DOUBLE)
-    return init.data_type in floats and int(np.prod(init.dims, dtype=np.int64)) > 1
+from .onnx_weights import is_weight
 
 
 def optimize(model):
@@ -62,7 +54,7 @@ def inline_non_weights(model):
     graph = model.graph
     keep, consts = [], []
     for init in graph.initializer:
-        if _is_weight(init):
+        if is_weight(init):
             keep.append(init)
         else:
             t = onnx.TensorProto()

@@ -238,7 +238,7 @@ IMPORT_CASES = [_case(*c, build=False) for c in ALL]
 @pytest.mark.parametrize("name, exporter, decode", CASES)
 def test_fp32_matches_at_two_shapes(name, exporter, decode, folder):
     path = export(name, exporter, decode, folder)
-    artifact = _compile(path, folder, False, f"{name}{'_decode' if decode else ''}_{exporter}_fp32")
+    artifact = _compile(path, folder, False, f"{case_id(name, exporter, decode)}.fp32")
     for shape in (DECODE_SHAPES if decode else SHAPES):
         x = inputs(name, shape, decode, seed=FP32_SEED)
         got, want = run(artifact, x), reference(name, path, decode, x)
@@ -323,7 +323,7 @@ def int4_references(name: str, decode: bool, x: list[np.ndarray]):
 @pytest.mark.parametrize("name, exporter, decode", INT4_CASES)
 def test_int4_within_quantization_bound(name, exporter, decode, folder):
     path = export(name, exporter, decode, folder)
-    artifact = _compile(path, folder, True, f"{name}{'_decode' if decode else ''}_{exporter}_int4")
+    artifact = _compile(path, folder, True, f"{case_id(name, exporter, decode)}.int4")
     for shape in (DECODE_SHAPES if decode else SHAPES):
         x = inputs(name, shape, decode, seed=INT4_SEED)
         got = run(artifact, x)
