@@ -60,3 +60,24 @@ def test_onnx_initializer_paths_become_identifiers(tmp_path):
     assert names[0] == "x" and len(names) == 2
     assert re.fullmatch(r"[A-Za-z_]\w*", names[1]) and "model_Constant_1_output_0" in names[1]
     assert list(imp.params) == names[1:]
+
+
+@pytest.mark.parametrize("target, arch, msg", [
+    ({"kind": "cuda", "arch": "sm_90", "mcpu": "x"}, None, "not ['mcpu']"),
+    ({"arch": "sm_90"}, None, "nibble takes {'kind'"),
+    ({"kind": "cuda", "arch": "sm_90"}, "sm_80", "target arch sm_90 and --arch sm_80 disagree"),
+])
+def test_target_dict_errors(target, arch, msg):
+    from compiler.errors import NibbleError
+    from compiler.target import resolve
+
+    with pytest.raises(NibbleError) as e:
+        resolve(target, arch)
+    assert msg in str(e.value)
+
+
+def test_target_dict_resolves_like_names():
+    from compiler.target import resolve
+
+    assert resolve({"kind": "cuda", "arch": "sm_90"}) == resolve("cuda", "sm_90")
+    assert resolve({"kind": "llvm"}) == resolve("llvm")
