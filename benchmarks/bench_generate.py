@@ -204,7 +204,7 @@ def phase_torch(args, res):
         except Exception as e:  # noqa: BLE001  (a baseline failing must not lose the others)
             res["hf_compile_error"] = repr(e)[:500]
             log(f"HF static cache + torch.compile failed: {e!r}"[:500])
-    if not Path(args.work, "model.onnx").exists():
+    if not args.no_export and not Path(args.work, "model.onnx").exists():
         from nibble.hf import export_causal_lm_with_past
 
         t0 = time.time()
@@ -343,6 +343,7 @@ def main():
     ap.add_argument("--layers", type=int, default=32)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-compile", action="store_true", help="no torch.compile baselines")
+    ap.add_argument("--no-export", action="store_true", help="torch phase: leave the ONNX export to the nibble phase")
     ap.add_argument("--tiny", action="store_true", help="a small Llama config, on the CPU without a GPU")
     ap.add_argument("--work", default=str(ROOT / ".bench" / "llama7b-pos"), help="export + artifact folder")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))
@@ -356,7 +357,7 @@ def main():
     out = Path(args.out)
     Path(args.work).mkdir(parents=True, exist_ok=True)
     prev = out / "h200_generate.json"
-    res = json.loads(prev.read_text()) if args.phase == "nibble" and prev.exists() else {}
+    res = json.loads(prev.read_text()) if args.phase != "all" and prev.exists() else {}  # phases merge
     res.update(device=torch.cuda.get_device_name() if DEV == "cuda" else platform.processor() or "cpu", date=datetime.date.today().isoformat(),
                versions=f"python {platform.python_version()}, torch {torch.__version__}")
     try:

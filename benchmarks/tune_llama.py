@@ -63,15 +63,14 @@ def llama_tasks(spec):
 
 def example_tasks(spec, tmp: Path):
     """The tasks of the README's `nibble demo` model (TinyGPT exported to ONNX, fp32, with biases)."""
-    from compiler.build import prepare
-    from compiler.int4_pass import quantize_linears
+    from compiler.build import BuildOptions, prepare, quantize
     from compiler.tuning import extract_tasks
     from frontends import import_model
     from nibble.example import export_onnx, tiny_gpt
 
     export_onnx(tiny_gpt(), tmp / "tiny_gpt.onnx")
     imp = import_model(tmp / "tiny_gpt.onnx")
-    mod, _, _ = quantize_linears(imp.mod, imp.params)
+    mod, _, _ = quantize(imp.mod, imp.params, BuildOptions(), log=lambda *_: None)  # as compile does
     mod, _ = prepare(mod, spec)
     return extract_tasks(mod, spec)
 

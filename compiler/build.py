@@ -1,4 +1,5 @@
-"""compile_model: import -> int4 pass -> TVM build (our schedules first, dlight after) -> artifact."""
+"""compile_model: import -> int4 pass -> merge of int4 linears sharing an input -> TVM build (our schedules
+first, dlight after) -> artifact."""
 from __future__ import annotations
 
 import dataclasses
@@ -20,6 +21,7 @@ class BuildOptions:
     quant: QuantConfig = dataclasses.field(default_factory=QuantConfig)
     skip: tuple[str, ...] = ()
     min_size: int = 0
+    merge: bool = True  # one int4 call per group of linears reading the same input (compiler/merge_linears.py)
     shapes: dict | None = None
     max_length: int | None = None  # tokens the model can attend to (recorded for generate's checks)
     tuning: str | bool | None = None  # a tuning log path; None: tuning_logs/<arch>.jsonl if present; False: none
@@ -63,7 +65,11 @@ def prepare(mod, spec: dict, tuning=None, log=print):
 
     if spec["kind"] == "cuda":
         from .dispatch import dispatch_small_m
+        from .fuse_attention import fuse_decode_attention
 
+        mod, fused = fuse_decode_attention(mod)  # decode attention: one kernel (schedules/attention.py)
+        if fused:
+            log(f"{fused} attention blocks fused for decode")
         mod = dispatch_small_m(mod, arch=spec["arch"])  # int4 kernels: a copy per token bucket
     mod, applied = apply_records(mod, spec, tuning, log)
     return mod, {t.key: applied.get(t.key) for t in extract_tasks(mod, spec)}
@@ -108,6 +114,27 @@ def tuning_log_for(opts: "BuildOptions", spec: dict, log=print):
     return default if default.path.exists() else None
 
 
+def quantize(mod, params: dict, opts: BuildOptions, log=print):
+    """The int4 pass, then (opts.merge) one int4 call per group of linears that read the same input.
+    Returns (mod, params, PassReport); the report's merged layers carry a note saying so."""
+    from .int4_pass import quantize_linears
+    from .merge_linears import int4_calls, merge_linears
+
+    mod, params, report = quantize_linears(mod, params, opts.quant, opts.skip, opts.min_size)
+    log(report.summary())
+    for layer in report.layers:
+        if layer.why:
+            log(f"  {layer.name} [{layer.n}x{layer.k}]: {layer.why}")
+    if opts.merge and report.quantized:
+        before = int4_calls(mod)
+        mod, params, merged = merge_linears(mod, params, report)
+        if merged:
+            groups = int4_calls(mod) - (before - merged)
+            log(f"merged {merged} int4 linears that share an input into {groups} calls "
+                f"({before} -> {before - merged + groups} int4 calls)")
+    return mod, params, report
+
+
 def compile_model(source, example_inputs=None, output: str | os.PathLike | None = None,
                   options: BuildOptions | None = None, log=print, **kw) -> Path:
     """Compile an .onnx/.pt2 path, nn.Module or ExportedProgram into an artifact folder; returns its path.
@@ -120,7 +147,7 @@ def compile_model(source, example_inputs=None, output: str | os.PathLike | None 
     spec = resolve(opts.target, opts.arch)  # before the slow import, so a bad target fails at once
     from frontends import import_model
 
-    from .int4_pass import PassReport, quantize_linears
+    from .int4_pass import PassReport
 
     t0 = time.perf_counter()
     imp = import_model(source, example_inputs, opts.shapes)
@@ -128,11 +155,7 @@ def compile_model(source, example_inputs=None, output: str | os.PathLike | None 
     mod, params = imp.mod, imp.params
     inputs = artifact.describe_inputs(mod, imp.input_names)
     if opts.quantize:
-        mod, params, report = quantize_linears(mod, params, opts.quant, opts.skip, opts.min_size)
-        log(report.summary())
-        for layer in report.layers:
-            if layer.why:
-                log(f"  {layer.name} [{layer.n}x{layer.k}]: {layer.why}")
+        mod, params, report = quantize(mod, params, opts, log)
     else:
         report = PassReport()
         log("--no-quantize: linear layers kept as imported")

@@ -63,8 +63,7 @@ def _options(a):
 
 def cmd_tune(a) -> int:
     """Import + quantize as compile does, then search every int4 kernel's schedule knobs on this machine."""
-    from compiler.build import prepare
-    from compiler.int4_pass import quantize_linears
+    from compiler.build import prepare, quantize
     from compiler.target import resolve
     from compiler.tuning import TuningLog, extract_tasks, tune
     from frontends import import_model
@@ -78,8 +77,7 @@ def cmd_tune(a) -> int:
         if here != spec["arch"]:
             raise NibbleError(f"tuning measures on the GPU: this machine has {here or 'no GPU'}, not {spec['arch']}")
     imp = import_model(a.model, None, opts.shapes)
-    mod, _, report = quantize_linears(imp.mod, imp.params, opts.quant, opts.skip, opts.min_size)
-    print(report.summary(), flush=True)
+    mod, _, _ = quantize(imp.mod, imp.params, opts, log=lambda s: print(s, flush=True))  # as compile does
     mod, _ = prepare(mod, spec)
     tasks = extract_tasks(mod, spec)
     if not tasks:

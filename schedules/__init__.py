@@ -10,6 +10,7 @@ def gpu_rules(target) -> list:
 
     from .gemm import GEMM
     from .gemv import GEMV
+    from .injective import Injective
 
     return [
         GEMV(),  # small-m copies made by compiler/dispatch.py; None for anything else
@@ -18,5 +19,6 @@ def gpu_rules(target) -> list:
         dl.gpu.GEMV(),
         dl.gpu.Reduction(),
         dl.gpu.GeneralReduction(),
+        Injective(),  # symbolic-shape injective ops (KV concat, transpose, cast): no symbolic div/mod
         dl.gpu.Fallback(),
     ]

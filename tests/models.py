@@ -66,8 +66,9 @@ def onnx_unsupported_op(path):
     onnx.save(model, str(path))
 
 
-def hf_llama_with_past(path, seed: int = 0):
-    """transformers' Llama (a tiny config, random init) exported with past by nibble.hf; returns the model."""
+def hf_llama_with_past(path, seed: int = 0, **config):
+    """transformers' Llama (a tiny config, random init; `config` overrides it) exported with past by
+    nibble.hf; returns the model."""
     import torch
     import transformers
 
@@ -76,6 +77,41 @@ def hf_llama_with_past(path, seed: int = 0):
     torch.manual_seed(seed)
     cfg = transformers.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256)
+    for key, value in config.items():
+        setattr(cfg, key, value)
     model = transformers.LlamaForCausalLM(cfg).eval()
     export_causal_lm_with_past(model, path)
     return model
+
+
+def onnx_sdpa(path, heads: int = 4, head_dim: int = 64):
+    """torch's scaled_dot_product_attention with a boolean mask, TorchScript-exported (the op chain
+    compiler/fuse_attention.py fuses): q [b, h, s, d], k/v [b, h, t, d] fp16, mask [b, 1, s, t] -> fp32."""
+    import warnings
+
+    import torch
+
+    class SDPA(torch.nn.Module):
+        def forward(self, q, k, v, mask):
+            return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask).float()
+
+    q = torch.randn(1, heads, 1, head_dim, dtype=torch.float16)
+    k = torch.randn(1, heads, 5, head_dim, dtype=torch.float16)
+    mask = torch.ones(1, 1, 1, 5, dtype=torch.bool)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(SDPA(), (q, k, k, mask), str(path), dynamo=False, opset_version=17,
+                          input_names=["q", "k", "v", "mask"], output_names=["o"],
+                          dynamic_axes={"q": {0: "b", 2: "s"}, "k": {0: "b", 2: "t"}, "v": {0: "b", 2: "t"},
+                                        "mask": {0: "b", 2: "s", 3: "t"}})
+
+
+def sdpa_reference(q, k, v, mask):
+    """What the exported chain computes, in float64: masked keys -inf, all-masked rows 0."""
+    q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))
+    scores = q @ np.swapaxes(k, -1, -2) / np.sqrt(q.shape[-1]) + np.where(mask, 0.0, -np.inf)
+    top = scores.max(-1, keepdims=True)
+    e = np.exp(scores - np.where(np.isfinite(top), top, 0.0))
+    total = e.sum(-1, keepdims=True)
+    p = np.divide(e, total, out=np.zeros_like(e), where=total > 0)
+    return p @ v

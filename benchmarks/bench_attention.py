@@ -1,0 +1,118 @@
+"""Decode attention on the GPU: nibble's fused kernel (schedules/attention.py) against the exported op
+chain it replaces (TVM's stock kernels) and torch's scaled_dot_product_attention, same inputs.
+
+Llama-2-7B attention (32 heads, head dim 128, fp16 cache), batch 1, one query row, cache lengths T.
+The model is torch SDPA with a boolean mask exported to ONNX (tests/models.py onnx_sdpa), compiled
+twice: fused (default) and with compiler.fuse_attention.DECODE_ROWS = 0 (the chain everywhere).
+GPU time per call is summed over the call's kernels from torch.profiler (host launch time excluded:
+decode runs from a CUDA graph); the floor is K + V bytes at the copy bandwidth measured here.
+Writes benchmarks/results/h200_attention.{json,md}.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import platform
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+HEADS, DIM = 32, 128
+LENGTHS = (128, 256, 1024, 4096)
+
+
+def gpu_us(fn, steps=20):
+    """Median over steps of the summed device time of fn's kernels (us)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    per = []
+    for _ in range(steps):
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            fn()
+            torch.cuda.synchronize()
+        per.append(sum(e.device_time_total for e in prof.events()
+                       if e.device_type == torch.autograd.DeviceType.CUDA))
+    per.sort()
+    return per[len(per) // 2]
+
+
+def copy_gbps():
+    import torch
+
+    a = torch.empty(1 << 29, dtype=torch.float16, device="cuda")
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(10):
+        b.copy_(a)
+    end.record()
+    torch.cuda.synchronize()
+    return 2 * a.numel() * 2 * 10 / (start.elapsed_time(end) * 1e-3) / 1e9
+
+
+def main():
+    import numpy as np
+    import torch
+
+    import compiler.fuse_attention as fa
+    import nibble
+    from tests import models
+
+    work = ROOT / ".bench" / "attention"
+    work.mkdir(parents=True, exist_ok=True)
+    models.onnx_sdpa(work / "sdpa.onnx", heads=HEADS, head_dim=DIM)
+    fused = nibble.load(nibble.compile_model(work / "sdpa.onnx", target="cuda", output=work / "fused.nibble"))
+    default, fa.DECODE_ROWS = fa.DECODE_ROWS, 0
+    try:
+        chain = nibble.load(nibble.compile_model(work / "sdpa.onnx", target="cuda", output=work / "chain.nibble"))
+    finally:
+        fa.DECODE_ROWS = default
+    bw = copy_gbps()
+    rows = []
+    for t in LENGTHS:
+        g = torch.Generator(device="cuda").manual_seed(t)
+        q = torch.randn(1, HEADS, 1, DIM, dtype=torch.float16, device="cuda", generator=g)
+        k = torch.randn(1, HEADS, t, DIM, dtype=torch.float16, device="cuda", generator=g)
+        v = torch.randn(1, HEADS, t, DIM, dtype=torch.float16, device="cuda", generator=g)
+        mask = torch.ones(1, 1, 1, t, dtype=torch.bool, device="cuda")
+        mask[..., : t // 4] = False  # left padding, as the padded decode cache has
+        ref = models.sdpa_reference(q.cpu().numpy(), k.cpu().numpy(), v.cpu().numpy(), mask.cpu().numpy())
+        out = {}
+        for name, m in (("nibble_fused", fused), ("tvm_chain", chain)):
+            y = m(q=q, k=k, v=v, mask=mask)
+            err = float(np.linalg.norm(y.cpu().numpy() - ref) / np.linalg.norm(ref))
+            out[name] = {"us": gpu_us(lambda: m(q=q, k=k, v=v, mask=mask)), "rel_err": err}
+        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = sdpa().float().cpu().numpy()
+        out["torch_sdpa"] = {"us": gpu_us(sdpa), "rel_err": float(np.linalg.norm(y - ref) / np.linalg.norm(ref))}
+        floor_us = 2 * k.numel() * 2 / (bw * 1e3)
+        rows.append({"T": t, "floor_us": floor_us, **out})
+        print(f"T={t:5d}  floor {floor_us:6.2f} us  " + "  ".join(
+            f"{n} {r['us']:7.2f} us ({r['us'] / floor_us:4.1f}x floor, err {r['rel_err']:.1e})" for n, r in out.items()),
+            flush=True)
+    res = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
+           "versions": f"python {platform.python_version()}, torch {torch.__version__}", "copy_GBps": bw,
+           "heads": HEADS, "head_dim": DIM, "rows": rows}
+    out_dir = ROOT / "benchmarks" / "results"
+    (out_dir / "h200_attention.json").write_text(json.dumps(res, indent=1))
+    lines = [f"# Decode attention, {HEADS} heads x {DIM}, batch 1, one query row", "",
+             f"{res['device']}; {res['versions']}; {res['date']}; copy {bw:.0f} GB/s", "",
+             "GPU us per call (kernels summed, torch.profiler); x = times the K+V read floor", "",
+             "| T | floor us | nibble fused | TVM op chain | torch SDPA |", "|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['T']} | {r['floor_us']:.2f} | " + " | ".join(
+            f"{r[n]['us']:.2f} ({r[n]['us'] / r['floor_us']:.1f}x)" for n in ("nibble_fused", "tvm_chain", "torch_sdpa"))
+            + " |")
+    (out_dir / "h200_attention.md").write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    main()

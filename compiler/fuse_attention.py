@@ -1,0 +1,231 @@
+"""Fused decode attention: a model's attention op chain -> one kernel call when few query rows run.
+
+Exporters write scaled-dot-product attention as a chain of ops (torch.onnx's SDPA decomposition, and
+eager attention the same way less the scale on K):
+
+    kt = permute_dims(K, [0, 1, 3, 2])          K, V: [b, h, T, d]   (T: the whole cache)
+    kt = multiply(kt, c)                        (optional: c a scalar constant)
+    s  = matmul(q, kt)                          q: [b, h, s, d]
+    s  = astype(s, f32)                         (optional)
+    a  = add(s, bias)                           bias: [b|1, h|1, s|1, T] (the mask, additive)
+    p  = softmax(a, axis=-1)
+    p  = where(isnan(p), 0, p)                  (optional: SDPA's guard for all-masked rows)
+    o  = matmul(p, astype(V, p.dtype))          (astype optional)
+  ==>
+    o  = attention_dispatch(q, K, V, bias)
+
+where the private Relax function (as compiler/dispatch.py does for the int4 kernels)
+
+    def attention_dispatch(q, K, V, bias):
+        if s <= DECODE_ROWS: o = call_tir(attention_hH_dD..., [q, K, V, bias])   # schedules/attention.py
+        else:                o = attention_reference(q, K, V, bias)               # the chain above, as was
+        return o
+
+so decode runs one kernel that reads K and V once (the chain re-read and re-wrote the cache ~6 times:
+transpose, scale, fp32 copy of V, ...) and prefill keeps the stock kernels. CUDA only (build.py's
+prepare); the kernel is compared against the chain on the GPU (tests/test_gpu.py).
+"""
+from __future__ import annotations
+
+import tvm
+from tvm import relax, tirx
+from tvm.relax.expr_functor import PyExprMutator, mutator
+
+from schedules.attention import ATTENTION, attention_func
+
+from .dispatch import KERNEL_ATTR
+
+DECODE_ROWS = 16  # query rows (tokens per sequence) up to which the fused kernel runs
+
+
+def _op(expr, name):
+    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
+
+
+def _scalar(expr):
+    """The value of a scalar float constant, else None."""
+    if isinstance(expr, tvm.ir.GenericConst) and expr.value.numpy().size == 1:
+        return float(expr.value.numpy().reshape(()))
+    return None
+
+
+def _same(a, b) -> bool:
+    return tvm.sym.Analyzer().can_prove_equal(a, b)
+
+
+@mutator
+class _Fuse(PyExprMutator):
+    def __init__(self, mod, max_rows):
+        super().__init__(mod)
+        self.max_rows = max_rows
+        self.bindings: dict = {}
+        self.funcs: dict = {}  # config key -> dispatch GlobalVar
+        self.count = 0
+
+    def _bound(self, expr, name):
+        """expr's binding if it is a call of op `name` (looking through one var), else None."""
+        value = self.bindings.get(expr, expr)
+        return value if _op(value, name) else None
+
+    def _match(self, call):
+        """The attention's parts if `call` (a matmul) ends the chain in the module docstring."""
+        if not _op(call, "relax.matmul"):
+            return None
+        p, v = call.args
+        v_cast = self._bound(v, "relax.astype")
+        if v_cast is not None:
+            v = v_cast.args[0]
+        where = self._bound(p, "relax.where")
+        nan_guard = False
+        if where is not None:
+            isnan = self._bound(where.args[0], "relax.isnan")
+            if isnan is None or _scalar(where.args[1]) != 0.0 or not isnan.args[0].same_as(where.args[2]):
+                return None
+            p, nan_guard = where.args[2], True
+        soft = self._bound(p, "relax.nn.softmax")
+        if soft is None or int(soft.attrs.axis) not in (-1, 3):
+            return None
+        add = self._bound(soft.args[0], "relax.add")
+        if add is None:
+            return None
+        for s, bias in (add.args, add.args[::-1]):
+            s_cast = self._bound(s, "relax.astype")
+            scores = self._bound(s_cast.args[0] if s_cast is not None else s, "relax.matmul")
+            if scores is not None:
+                break
+        else:
+            return None
+        q, kt = scores.args
+        scale = 1.0
+        mul = self._bound(kt, "relax.multiply")
+        if mul is not None:
+            for t, c in (mul.args, mul.args[::-1]):
+                if _scalar(c) is not None:
+                    kt, scale = t, _scalar(c)
+                    break
+            else:
+                return None
+        perm = self._bound(kt, "relax.permute_dims")
+        if perm is None or perm.attrs.axes is None or [int(a) for a in perm.attrs.axes] != [0, 1, 3, 2]:
+            return None
+        k = perm.args[0]
+        parts = dict(q=q, k=k, v=v, bias=bias, scale=scale, nan_guard=nan_guard,
+                     s_cast=None if s_cast is None else str(s_cast.attrs.dtype),
+                     v_cast=None if v_cast is None else str(v_cast.attrs.dtype),
+                     out=call.ty)
+        return parts if self._shapes_ok(parts) else None
+
+    def _shapes_ok(self, m):
+        tys = [m[x].ty for x in ("q", "k", "v", "bias")]
+        if not all(isinstance(t, relax.TensorType) and t.shape is not None and t.ndim == 4 for t in tys):
+            return False
+        (b, h, s, d), (kb, kh, n, kd), v_shape, bias_shape = (list(t.shape.values) for t in tys)
+        if not all(isinstance(x, tirx.IntImm) for x in (h, d, kh, kd)) or int(h) != int(kh) or int(d) != int(kd):
+            return False
+        if not (_same(b, kb) and all(_same(x, y) for x, y in zip([kb, kh, n, kd], v_shape))):
+            return False
+        dims = []
+        for x, name, full in zip(bias_shape[:3], ("b", "h", "s"), (b, h, s)):
+            if isinstance(x, tirx.IntImm) and int(x) == 1 and not (isinstance(full, tirx.IntImm) and int(full) == 1):
+                dims.append(1)
+            elif _same(x, full):
+                dims.append(name)
+            else:
+                return False
+        if not _same(bias_shape[3], n):
+            return False
+        m["bias_dims"], m["heads"], m["head_dim"] = tuple(dims), int(h), int(d)
+        m["dtypes"] = {"q": str(tys[0].dtype), "kv": str(tys[1].dtype), "bias": str(tys[3].dtype),
+                       "out": str(m["out"].dtype)}
+        return str(tys[1].dtype) == str(tys[2].dtype)
+
+    # -- the functions a match calls ------------------------------------------------------------
+    def _dispatch(self, m):
+        key = (m["heads"], m["head_dim"], m["scale"], m["bias_dims"], m["nan_guard"], m["s_cast"], m["v_cast"],
+               tuple(sorted(m["dtypes"].items())))
+        if key in self.funcs:
+            return self.funcs[key]
+        kernel = attention_func(m["heads"], m["head_dim"], m["scale"], m["dtypes"], m["bias_dims"])
+        if kernel is None:
+            self.funcs[key] = None
+            return None
+        name = f"attention_h{m['heads']}_d{m['head_dim']}_{len(self.funcs)}"
+        kernel = kernel.with_attr({"global_symbol": name, KERNEL_ATTR: ATTENTION, "tirx.is_scheduled": True,
+                                   "op_pattern": 8})  # opaque: FuseOps leaves it alone
+        add = self.builder_.add_func
+        kernel_gv = add(kernel, name)
+        params, (b, s) = self._params(m)
+        out = relax.TensorType([b, m["heads"], s, m["head_dim"]], m["dtypes"]["out"])
+        ref_gv = add(self._reference(m), f"{name}_reference")
+        bb = relax.BlockBuilder()
+        with bb.function("dispatch", params, pure=True, private=True):
+            y = bb.emit(relax.If(relax.prim_value(s <= self.max_rows), relax.call_tir(kernel_gv, params, out),
+                                 relax.Call(ref_gv, params)))
+            bb.emit_func_output(y)
+        self.funcs[key] = add(bb.get()["dispatch"], f"{name}_dispatch")
+        return self.funcs[key]
+
+    @staticmethod
+    def _params(m):
+        """Fresh (q, K, V, bias) parameters (each function needs its own) and their (b, s) vars."""
+        b, s, n = (tirx.Var(x, "int64") for x in ("b", "s", "n"))
+        h, d, dt = m["heads"], m["head_dim"], m["dtypes"]
+        sym = {"b": b, "h": h, "s": s, 1: 1}
+        return [relax.Var("q", relax.TensorType([b, h, s, d], dt["q"])),
+                relax.Var("k", relax.TensorType([b, h, n, d], dt["kv"])),
+                relax.Var("v", relax.TensorType([b, h, n, d], dt["kv"])),
+                relax.Var("bias", relax.TensorType([sym[x] for x in m["bias_dims"]] + [n], dt["bias"]))], (b, s)
+
+    def _reference(self, m):
+        """The matched chain as a private function of (q, K, V, bias): what runs for many rows."""
+        params, _ = self._params(m)
+        q, k, v, bias = params
+        bb = relax.BlockBuilder()
+        with bb.function("reference", params, pure=True, private=True):
+            with bb.dataflow():
+                kt = bb.emit(relax.op.permute_dims(k, [0, 1, 3, 2]))
+                if m["scale"] != 1.0:
+                    kt = bb.emit(relax.op.multiply(kt, relax.const(m["scale"], m["dtypes"]["kv"])))
+                s = bb.emit(relax.op.matmul(q, kt))
+                if m["s_cast"]:
+                    s = bb.emit(relax.op.astype(s, m["s_cast"]))
+                p = bb.emit(relax.op.nn.softmax(bb.emit(relax.op.add(s, bias)), axis=-1))
+                if m["nan_guard"]:
+                    p = bb.emit(relax.op.where(relax.op.isnan(p), relax.const(0, p.ty.dtype), p))
+                if m["v_cast"]:
+                    v = bb.emit(relax.op.astype(v, m["v_cast"]))
+                o = bb.emit_output(relax.op.matmul(p, v))
+            bb.emit_func_output(o)
+        return bb.get()["reference"]
+
+    # -- rewrite --------------------------------------------------------------------------------
+    def visit_dataflow_block_(self, block):
+        for b in block.bindings:
+            self.bindings[b.var] = b.value
+        return super().visit_dataflow_block_(block)
+
+    def visit_var_binding_(self, binding):
+        m = self._match(binding.value)
+        gv = self._dispatch(m) if m is not None else None
+        if gv is None:
+            return super().visit_var_binding_(binding)
+        self.count += 1
+        args = [self.visit_expr(m[x]) for x in ("q", "k", "v", "bias")]
+        new = self.builder_.emit(relax.Call(gv, args), name_hint=binding.var.name)
+        self.set_var_remap(binding.var, new)
+
+
+def fuse_decode_attention(mod: tvm.IRModule, max_rows: int | None = None, func_name: str = "main"):
+    """Apply the rewrite to mod[func_name]; returns (module, number of attentions fused).
+    max_rows: the kernel runs for s <= max_rows query rows (default DECODE_ROWS, read at call time;
+    0 keeps the chain everywhere, which is what benchmarks/bench_attention.py compares against)."""
+    max_rows = DECODE_ROWS if max_rows is None else max_rows
+    mod = relax.transform.FoldConstant()(mod)  # SDPA exports compute the scale from constants
+    rw = _Fuse(mod, max_rows)
+    func = mod[func_name]
+    body = rw.visit_expr(func.body)
+    out = rw.builder_.get()
+    out[func_name] = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
+    if rw.count:
+        out = relax.transform.DeadCodeElimination([func_name])(out)  # the chain's now-unused ops
+    return out, rw.count
