@@ -66,10 +66,12 @@ def prepare(mod, spec: dict, tuning=None, log=print):
     if spec["kind"] == "cuda":
         from .dispatch import dispatch_small_m
         from .fuse_attention import fuse_decode_attention
+        from .fuse_rmsnorm import fuse_rmsnorm
 
+        mod, norms = fuse_rmsnorm(mod)  # RMSNorm: one kernel instead of two
         mod, fused = fuse_decode_attention(mod)  # decode attention: one kernel (schedules/attention.py)
-        if fused:
-            log(f"{fused} attention blocks fused for decode")
+        if fused or norms:
+            log(f"{fused} attention blocks fused for decode, {norms} RMSNorms made one op")
         mod = dispatch_small_m(mod, arch=spec["arch"])  # int4 kernels: a copy per token bucket
     mod, applied = apply_records(mod, spec, tuning, log)
     return mod, {t.key: applied.get(t.key) for t in extract_tasks(mod, spec)}

@@ -7,8 +7,7 @@ Rewrite (in every dataflow block of "main", after compiler/int4_pass.py's quanti
     c = call_tir(int4_matmul_nC_kK_gG, [x2'', Wc.qweight, ...], [M, C])
   ==>
     y = call_tir(int4_matmul_n(A+B+C)_kK_gG, [x2, W.qweight, W.scales(, W.zeros)(, b)], [M, A+B+C])
-    s = split(y, [A, A + B], axis=1)
-    a, b, c = s[0], s[1], s[2]
+    a, b, c = strided_slice(y, [1], [0], [A]), ...[A, A + B], ...[A + B, A + B + C]
 
 where x2, x2', x2'' are one activation: the same Relax var, or reshapes of the same var to the same
 [M, K] (the int4 pass emits one reshape per linear). Members of a group share K, group size (and
@@ -22,7 +21,8 @@ dropped when nothing else uses them. The merged weights are the members' quantiz
 the schedule picks for the new N (a GPU split-K plan may differ; on llvm they are equal). The merged
 kernel is an ordinary int4 kernel of the new N: token-count dispatch (compiler/dispatch.py), schedules
 and tuning treat it like any other (Llama-2-7B's qkv and gate_up give N = 12288 and 22016, the shapes
-benchmarks/tune_llama.py tunes). On CUDA the split is one copy kernel per group.
+benchmarks/tune_llama.py tunes). On CUDA each slice fuses into the kernel that consumes it (a split
+would be a copy kernel per output: 5 launches per Llama layer).
 """
 from __future__ import annotations
 
@@ -101,12 +101,16 @@ class _Merger(PyExprMutator):
 
     # -- analysis ------------------------------------------------------------------------------
     def _activation(self, x2):
-        """(root var, [M, K] shape) that identifies x2's value: x2 itself, or what it reshapes."""
-        bound = self.bindings.get(x2)
-        if (isinstance(bound, relax.Call) and bound.op.same_as(tvm.ir.Op.get("relax.reshape"))
-                and isinstance(bound.args[0], relax.Var)):
-            return bound.args[0], x2.ty.shape
-        return x2, x2.ty.shape
+        """(root var, [M, K] shape) that identifies x2's value: x2 itself, or what it reshapes and casts
+        (the int4 pass emits one reshape per linear; exporters may add casts; the group key holds the
+        dtype, so equal roots and shapes mean equal values)."""
+        root, looks = x2, (tvm.ir.Op.get("relax.reshape"), tvm.ir.Op.get("relax.astype"))
+        while True:
+            bound = self.bindings.get(root)
+            if not (isinstance(bound, relax.Call) and any(bound.op.same_as(op) for op in looks)
+                    and isinstance(bound.args[0], relax.Var)):
+                return root, x2.ty.shape
+            root = bound.args[0]
 
     def _weights(self, call, spec):
         """part -> weight expr, if every weight argument is a known parameter or a constant."""
@@ -175,11 +179,12 @@ class _Merger(PyExprMutator):
         members = self.first[var]
         y = self.builder_.emit(self._merged_call(members), name_hint=f"{var.name}_merged")
         offsets = [int(o) for o in np.cumsum([m.n for m in members])[:-1]]
-        # one split (one copy kernel on CUDA); a strided_slice per member would make a kernel each, as
-        # the reshape that follows every member keeps a slice from fusing into its consumer
-        parts = self.builder_.emit(relax.op.split(y, offsets, axis=1), name_hint=f"{var.name}_split")
+        # a strided_slice per member, not one split: a split is a copy kernel per output on CUDA, a slice
+        # fuses into its consumer (RoPE, SiLU*mul) through the reshape that follows it, which
+        # compiler/unfuse_scalars.py lets FuseOps fuse
+        bounds = [0] + offsets + [sum(m.n for m in members)]
         for i, m in enumerate(members):
-            item = relax.TupleGetItem(parts, i)
+            item = relax.op.strided_slice(y, axes=[1], begin=[bounds[i]], end=[bounds[i + 1]])
             out = (self.builder_.emit(item, name_hint=m.var.name) if isinstance(m.var, relax.DataflowVar)
                    else self.builder_.emit_output(item, name_hint=m.var.name))
             self.set_var_remap(m.var, out)

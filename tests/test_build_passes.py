@@ -81,3 +81,55 @@ def test_target_dict_resolves_like_names():
 
     assert resolve({"kind": "cuda", "arch": "sm_90"}) == resolve("cuda", "sm_90")
     assert resolve({"kind": "llvm"}) == resolve("llvm")
+
+
+def test_scalars_that_only_give_shapes_still_fuse():
+    """An op on [b * s, K] gets b and s as scalar params (they cannot be recovered from the product);
+    they are shapes, not operands, so the function keeps its pattern and fuses with its neighbours."""
+    from compiler.unfuse_scalars import unfuse_scalar_param_funcs
+
+    b, s = tirx.Var("b", "int64"), tirx.Var("s", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([b * s, 8], "float16"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            y = bb.emit(relax.op.astype(x, "float32"))
+            out = bb.emit_output(relax.op.multiply(y, relax.const(2.0, "float32")))
+        bb.emit_func_output(out)
+    passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), unfuse_scalar_param_funcs]
+    mod = tvm.transform.Sequential(passes)(bb.get())
+    cast = [f for gv, f in mod.functions.items() if gv.name_hint.startswith("cast")][0]
+    assert any(isinstance(p.ty, tvm.ir.PrimType) for p in cast.params)  # b, s passed as scalars
+    assert int(cast.attrs["op_pattern"]) != 8
+    fused = tvm.transform.Sequential([relax.transform.FuseOps(), relax.transform.FuseTIR()])(mod)
+    assert any(gv.name_hint.startswith("fused_cast") for gv in fused.get_global_vars())
+
+
+def test_reshape_over_symbolic_dims_fuses_with_its_consumer():
+    """[b, s, K] -> [b * s, K] is annotated opaque by TVM (its index map is not analyzable); the pass
+    marks it injective, so e.g. a sliced int4 output -> reshape -> activation is one kernel."""
+    from compiler.unfuse_scalars import unfuse_scalar_param_funcs
+
+    b, s = tirx.Var("b", "int64"), tirx.Var("s", "int64")
+    bb = relax.BlockBuilder()
+    x = relax.Var("x", relax.TensorType([b, s, 16], "float16"))
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            flat = bb.emit(relax.op.reshape(x, [b * s, 16]))  # as the int4 pass feeds its kernel
+            half = bb.emit(relax.op.strided_slice(flat, axes=[1], begin=[8], end=[16]))
+            y = bb.emit(relax.op.reshape(half, [b, s, 8]))
+            out = bb.emit_output(relax.op.sigmoid(y))
+        bb.emit_func_output(out)
+    passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), unfuse_scalar_param_funcs,
+              relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    mod = tvm.transform.Sequential(passes)(bb.get())
+    kernels = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)]
+    assert len(kernels) == 1 and "strided_slice_reshape" in kernels[0], kernels  # one kernel
+    import numpy as np
+
+    ex = tvm.compile(mod, target="llvm")
+    vm = relax.VirtualMachine(ex, tvm.cpu())
+    a = np.random.default_rng(0).standard_normal((2, 3, 16)).astype("float16")
+    got = vm["main"](tvm.runtime.tensor(a)).numpy()
+    want = 1 / (1 + np.exp(-a[..., 8:].astype(np.float32)))
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
