@@ -15,7 +15,8 @@ at their natural [b, h, T, d] layout, with fp32 math throughout:
     The 32 value loads are issued before any math, so they are in flight together.
   * the warps' (m, l, acc) meet in shared memory; warp 0 combines them and writes the row.
 Semantics match the exported graph's, including its NaN guard: a row whose keys are all masked
-(bias -inf) gives 0, as where(isnan(softmax), 0, .) does. Keys past T and masked keys get weight 0.
+(bias -inf) gives 0, as where(isnan(softmax), 0, .) does (a chain without that guard would give NaN
+there; the kernel gives 0 either way). Keys past T and masked keys get weight 0.
 Limits: head dim a multiple of 32 (64, 128, 256); q and K/V heads equal (a GQA export repeats K/V
 before attention, which the pass sees as a plain tensor).
 """
