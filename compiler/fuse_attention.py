@@ -29,24 +29,16 @@ from __future__ import annotations
 
 import tvm
 from tvm import relax, tirx
-from tvm.relax.expr_functor import PyExprMutator, mutator
+from tvm.relax.expr_functor import mutator
 
 from schedules.attention import ATTENTION, attention_func
 
 from .dispatch import KERNEL_ATTR
+from .relax_util import BindingRewriter, is_op, rewrite_main, scalar
 
 DECODE_ROWS = 16  # query rows (tokens per sequence) up to which the fused kernel runs
 
 
-def _op(expr, name):
-    return isinstance(expr, relax.Call) and isinstance(expr.op, tvm.ir.Op) and expr.op.name == name
-
-
-def _scalar(expr):
-    """The value of a scalar float constant, else None."""
-    if isinstance(expr, tvm.ir.GenericConst) and expr.value.numpy().size == 1:
-        return float(expr.value.numpy().reshape(()))
-    return None
 
 
 def _same(a, b) -> bool:
@@ -54,58 +46,51 @@ def _same(a, b) -> bool:
 
 
 @mutator
-class _Fuse(PyExprMutator):
+class _Fuse(BindingRewriter):
     def __init__(self, mod, max_rows):
         super().__init__(mod)
         self.max_rows = max_rows
-        self.bindings: dict = {}
         self.funcs: dict = {}  # config key -> dispatch GlobalVar
-        self.count = 0
-
-    def _bound(self, expr, name):
-        """expr's binding if it is a call of op `name` (looking through one var), else None."""
-        value = self.bindings.get(expr, expr)
-        return value if _op(value, name) else None
 
     def _match(self, call):
         """The attention's parts if `call` (a matmul) ends the chain in the module docstring."""
-        if not _op(call, "relax.matmul"):
+        if not is_op(call, "relax.matmul"):
             return None
         p, v = call.args
-        v_cast = self._bound(v, "relax.astype")
+        v_cast = self.bound(v, "relax.astype")
         if v_cast is not None:
             v = v_cast.args[0]
-        where = self._bound(p, "relax.where")
+        where = self.bound(p, "relax.where")
         nan_guard = False
         if where is not None:
-            isnan = self._bound(where.args[0], "relax.isnan")
-            if isnan is None or _scalar(where.args[1]) != 0.0 or not isnan.args[0].same_as(where.args[2]):
+            isnan = self.bound(where.args[0], "relax.isnan")
+            if isnan is None or scalar(where.args[1]) != 0.0 or not isnan.args[0].same_as(where.args[2]):
                 return None
             p, nan_guard = where.args[2], True
-        soft = self._bound(p, "relax.nn.softmax")
+        soft = self.bound(p, "relax.nn.softmax")
         if soft is None or int(soft.attrs.axis) not in (-1, 3):
             return None
-        add = self._bound(soft.args[0], "relax.add")
+        add = self.bound(soft.args[0], "relax.add")
         if add is None:
             return None
         for s, bias in (add.args, add.args[::-1]):
-            s_cast = self._bound(s, "relax.astype")
-            scores = self._bound(s_cast.args[0] if s_cast is not None else s, "relax.matmul")
+            s_cast = self.bound(s, "relax.astype")
+            scores = self.bound(s_cast.args[0] if s_cast is not None else s, "relax.matmul")
             if scores is not None:
                 break
         else:
             return None
         q, kt = scores.args
         scale = 1.0
-        mul = self._bound(kt, "relax.multiply")
+        mul = self.bound(kt, "relax.multiply")
         if mul is not None:
             for t, c in (mul.args, mul.args[::-1]):
-                if _scalar(c) is not None:
-                    kt, scale = t, _scalar(c)
+                if scalar(c) is not None:
+                    kt, scale = t, scalar(c)
                     break
             else:
                 return None
-        perm = self._bound(kt, "relax.permute_dims")
+        perm = self.bound(kt, "relax.permute_dims")
         if perm is None or perm.attrs.axes is None or [int(a) for a in perm.attrs.axes] != [0, 1, 3, 2]:
             return None
         k = perm.args[0]
@@ -199,20 +184,12 @@ class _Fuse(PyExprMutator):
         return bb.get()["reference"]
 
     # -- rewrite --------------------------------------------------------------------------------
-    def visit_dataflow_block_(self, block):
-        for b in block.bindings:
-            self.bindings[b.var] = b.value
-        return super().visit_dataflow_block_(block)
-
-    def visit_var_binding_(self, binding):
-        m = self._match(binding.value)
+    def rewrite(self, value):
+        m = self._match(value)
         gv = self._dispatch(m) if m is not None else None
         if gv is None:
-            return super().visit_var_binding_(binding)
-        self.count += 1
-        args = [self.visit_expr(m[x]) for x in ("q", "k", "v", "bias")]
-        new = self.builder_.emit(relax.Call(gv, args), name_hint=binding.var.name)
-        self.set_var_remap(binding.var, new)
+            return None
+        return relax.Call(gv, [self.visit_expr(m[x]) for x in ("q", "k", "v", "bias")])
 
 
 def fuse_decode_attention(mod: tvm.IRModule, max_rows: int | None = None, func_name: str = "main"):
@@ -222,10 +199,5 @@ def fuse_decode_attention(mod: tvm.IRModule, max_rows: int | None = None, func_n
     max_rows = DECODE_ROWS if max_rows is None else max_rows
     mod = relax.transform.FoldConstant()(mod)  # SDPA exports compute the scale from constants
     rw = _Fuse(mod, max_rows)
-    func = mod[func_name]
-    body = rw.visit_expr(func.body)
-    out = rw.builder_.get()
-    out[func_name] = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
-    if rw.count:
-        out = relax.transform.DeadCodeElimination([func_name])(out)  # the chain's now-unused ops
+    out = rewrite_main(mod, rw, func_name)
     return out, rw.count
