@@ -131,9 +131,9 @@ def quantize(mod, params: dict, opts: BuildOptions, log=print):
         before = int4_calls(mod)
         mod, params, merged = merge_linears(mod, params, report)
         if merged:
-            groups = int4_calls(mod) - (before - merged)
-            log(f"merged {merged} int4 linears that share an input into {groups} calls "
-                f"({before} -> {before - merged + groups} int4 calls)")
+            after = int4_calls(mod)
+            log(f"merged {merged} int4 linears that share an input into {after - (before - merged)} calls "
+                f"({before} -> {after} int4 calls)")
     return mod, params, report
 
 

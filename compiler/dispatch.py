@@ -41,12 +41,10 @@ ROWS_ATTR = "nibble.rows"  # = schedules.gemv.ROWS_ATTR / schedules.gemm.ROWS_AT
 # never does more than 2x the token work; GEMM buckets are where the tile or the split changes.
 #  * m <= 4: the CUDA-core GEMV (H200, benchmarks/results/h200_bench_linear.md: 1.25-2.5x faster than
 #    cuBLAS fp16 there; past 4 tokens it is bound by L1 traffic for x and fp32 FMAs).
-#  * m = 5..16: the split-K GEMM with 16-row tiles -- or the GEMV's 8/16 buckets, whichever the H200
-#    measures faster. AWAITING THE H200 RUN (benchmarks/bench_linear.py --candidates): the unsplit GEMM
-#    measured 0.19-0.48x cuBLAS at m = 8/16, and in an earlier run the GEMV's 8/16 buckets were 1.2x/2.4x
-#    slower than it (4096->12288, h200_notes.md); the split-K GEMM has not run on a GPU yet. To route
-#    m <= 8 to the GEMV, add (8, "gemv") before (16, "gemm"); the run's "best" column and its "Best copy
-#    per M" list name the winner per M.
+#  * m = 5..16: the split-K GEMM with 16-row tiles. Measured on the H200 against every other copy that
+#    could serve these m, the GEMV's 8/16 buckets included (bench_linear.py --candidates,
+#    h200_bench_linear_candidates.md "Best copy per M"): gemm16 was fastest at m = 8 and 16 on the sum
+#    over the Llama shapes, at 1.11-1.25x cuBLAS fp16.
 #  * m <= 32 / 64 / 256: GEMM buckets whose tile (32-, 64-row) and auto split fill the SMs (see
 #    schedules/gemm.py); past 256 the 128x128 tile without split.
 ROUTES = ((1, "gemv"), (2, "gemv"), (4, "gemv"), (16, "gemm"), (32, "gemm"), (64, "gemm"), (256, "gemm"))

@@ -172,3 +172,11 @@ def test_padded_fixed_shape_decode_equals_growing_cache(tmp_path):
     padded = m.generate(prompt, max_new_tokens=12).tokens
     assert gen._decoders, "the padded decode ran"
     np.testing.assert_array_equal(padded, growing)
+    # its own guards (generate sizes the cache so they do not fire; a direct caller may trip them)
+    dec = next(iter(gen._decoders.values()))
+    _, past = gen._step(prompt, gen._empty_past(2), 0)
+    with pytest.raises(ValueError, match=f"cache of {dec.P} does not fit the padded length {dec.P}"):
+        dec.start(past, dec.P)
+    dec.n = dec.P
+    with pytest.raises(ValueError, match="padded cache is full"):
+        dec.step(np.array([1, 2]))
