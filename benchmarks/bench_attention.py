@@ -6,6 +6,8 @@ The model is torch SDPA with a boolean mask exported to ONNX (tests/models.py on
 twice: fused (default) and with compiler.fuse_attention.DECODE_ROWS = 0 (the chain everywhere).
 GPU time per call is summed over the call's kernels from torch.profiler (host launch time excluded:
 decode runs from a CUDA graph); the floor is K + V bytes at the copy bandwidth measured here.
+Then prefill: s = T query rows under a causal mask, the chain against the fused kernel forced at every
+row count (a third compile) and torch SDPA, to show whether prefill should take the kernel too.
 Writes benchmarks/results/h200_attention.{json,md}.
 """
 from __future__ import annotations
@@ -21,6 +23,7 @@ sys.path.insert(0, str(ROOT))
 
 HEADS, DIM = 32, 128
 LENGTHS = (128, 256, 1024, 4096)
+PREFILL = (200, 1024)  # causal prompts: s = T
 
 
 def gpu_us(fn, steps=20):
@@ -73,6 +76,8 @@ def main():
     default, fa.DECODE_ROWS = fa.DECODE_ROWS, 0
     try:
         chain = nibble.load(nibble.compile_model(work / "sdpa.onnx", target="cuda", output=work / "chain.nibble"))
+        fa.DECODE_ROWS = 1 << 20  # the fused kernel at every row count: is it worth it for prefill?
+        fused_all = nibble.load(nibble.compile_model(work / "sdpa.onnx", target="cuda", output=work / "all.nibble"))
     finally:
         fa.DECODE_ROWS = default
     bw = copy_gbps()
@@ -98,9 +103,26 @@ def main():
         print(f"T={t:5d}  floor {floor_us:6.2f} us  " + "  ".join(
             f"{n} {r['us']:7.2f} us ({r['us'] / floor_us:4.1f}x floor, err {r['rel_err']:.1e})" for n, r in out.items()),
             flush=True)
+    prefill = []
+    for t in PREFILL:  # a causal prompt: s = T rows, row i sees keys 0..i
+        g = torch.Generator(device="cuda").manual_seed(t)
+        q, k, v = (torch.randn(1, HEADS, t, DIM, dtype=torch.float16, device="cuda", generator=g) for _ in range(3))
+        mask = torch.ones(t, t, dtype=torch.bool, device="cuda").tril()[None, None]
+        ref = models.sdpa_reference(q.cpu().numpy(), k.cpu().numpy(), v.cpu().numpy(), mask.cpu().numpy())
+        out = {}
+        for name, m in (("nibble_fused", fused_all), ("tvm_chain", chain)):
+            y = m(q=q, k=k, v=v, mask=mask)
+            err = float(np.linalg.norm(y.cpu().numpy() - ref) / np.linalg.norm(ref))
+            out[name] = {"us": gpu_us(lambda: m(q=q, k=k, v=v, mask=mask)), "rel_err": err}
+        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
+        y = sdpa().float().cpu().numpy()
+        out["torch_sdpa"] = {"us": gpu_us(sdpa), "rel_err": float(np.linalg.norm(y - ref) / np.linalg.norm(ref))}
+        prefill.append({"T": t, **out})
+        print(f"prefill s=T={t:5d}  " + "  ".join(f"{n} {r['us']:8.2f} us (err {r['rel_err']:.1e})"
+                                             for n, r in out.items()), flush=True)
     res = {"device": torch.cuda.get_device_name(), "date": datetime.date.today().isoformat(),
            "versions": f"python {platform.python_version()}, torch {torch.__version__}", "copy_GBps": bw,
-           "heads": HEADS, "head_dim": DIM, "rows": rows}
+           "heads": HEADS, "head_dim": DIM, "rows": rows, "prefill": prefill}
     out_dir = ROOT / "benchmarks" / "results"
     (out_dir / "h200_attention.json").write_text(json.dumps(res, indent=1))
     lines = [f"# Decode attention, {HEADS} heads x {DIM}, batch 1, one query row", "",
@@ -111,6 +133,12 @@ def main():
         lines.append(f"| {r['T']} | {r['floor_us']:.2f} | " + " | ".join(
             f"{r[n]['us']:.2f} ({r[n]['us'] / r['floor_us']:.1f}x)" for n in ("nibble_fused", "tvm_chain", "torch_sdpa"))
             + " |")
+    lines += ["", f"Prefill: s = T query rows with a causal mask, GPU us per call (nibble fused: the kernel forced"
+              " at every row count, which compiler.fuse_attention.DECODE_ROWS does not do by default)", "",
+              "| s = T | nibble fused | TVM op chain | torch SDPA (flash) |", "|---|---|---|---|"]
+    for r in prefill:
+        lines.append(f"| {r['T']} | " + " | ".join(f"{r[n]['us']:.1f}" for n in ("nibble_fused", "tvm_chain", "torch_sdpa"))
+                     + " |")
     (out_dir / "h200_attention.md").write_text("\n".join(lines) + "\n")
 
 

@@ -227,8 +227,9 @@ def phase_torch(args, res):
     torch.cuda.empty_cache()
 
 
-def decode_breakdown(m, ids_len: int, steps: int = 3):
-    """Per-kernel GPU time of one decode step (past = ids_len), from torch.profiler, plus the wall time."""
+def kernel_breakdown(m, ids_len: int, steps: int = 3, prefill: bool = False):
+    """Per-kernel GPU time of one decode step (past = ids_len) or, with prefill, of the prompt's
+    forward pass (ids_len tokens, empty past), from torch.profiler: [name, launches, us] per kernel."""
     import numpy as np
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -236,13 +237,18 @@ def decode_breakdown(m, ids_len: int, steps: int = 3):
     from compiler.generate import Generator
 
     gen = Generator(m)
-    _, past = gen._step(prompt_ids(int(m.outputs[0]["shape"][-1]))[:, :ids_len], gen._empty_past(1), 0)
-    tok = np.array([[5]])
+    ids = prompt_ids(int(m.outputs[0]["shape"][-1]))[:, :ids_len]
+    if prefill:
+        call = lambda: gen._step(ids, gen._empty_past(1), 0)
+    else:
+        _, past = gen._step(ids, gen._empty_past(1), 0)
+        tok = np.array([[5]])
+        call = lambda: gen._step(tok, past, ids_len)
     for _ in range(2):
-        gen._step(tok, past, ids_len)
+        call()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
         for _ in range(steps):
-            gen._step(tok, past, ids_len)
+            call()
         _sync(torch)
     kernels = {}
     for e in prof.events():
@@ -294,15 +300,17 @@ def phase_nibble(args, res):
                      "tokens_equal_without_graphs": runs[-1].tokens.tolist() == plain[-1].tokens.tolist()}
     log(f"nibble int4: prefill {pre:.1f} ms, decode {dec:.2f} ms/token ({1e3 / dec:.0f} tokens/s, "
         f"{(wbytes - emb) / (dec * 1e-3) / 1e9:.0f} GB/s of weights)")
-    try:
-        rows = decode_breakdown(m, PROMPT)
-        res["nibble_decode_kernels"] = rows
-        total = sum(r[2] for r in rows)
-        log(f"one decode step: {sum(r[1] for r in rows)} kernels, {total / 1e3:.2f} ms of GPU time")
-        for name, count, us in rows[:15]:
-            log(f"  {us:9.1f} us  x{count:4d}  {name[:90]}")
-    except Exception as e:  # noqa: BLE001  (the breakdown is a diagnostic, not the benchmark)
-        log(f"kernel breakdown failed: {e!r}"[:300])
+    for key, what, prefill in (("nibble_decode_kernels", "one decode step", False),
+                                ("nibble_prefill_kernels", f"prefill of {PROMPT} tokens", True)):
+        try:
+            rows = kernel_breakdown(m, PROMPT, prefill=prefill)
+            res[key] = rows
+            total = sum(r[2] for r in rows)
+            log(f"{what}: {sum(r[1] for r in rows)} kernels, {total / 1e3:.2f} ms of GPU time")
+            for name, count, us in rows[:15]:
+                log(f"  {us:9.1f} us  x{count:4d}  {name[:90]}")
+        except Exception as e:  # noqa: BLE001  (the breakdown is a diagnostic, not the benchmark)
+            log(f"kernel breakdown failed: {e!r}"[:300])
     if "hf_eager" in res:
         a, b = np.array(res["hf_eager"]["tokens"]), np.array(res["nibble"]["tokens"])
         res["nibble"]["tokens_equal_hf_fp16_prefix"] = int(np.argmin(np.append(a[0] == b[0], False)))
@@ -327,12 +335,14 @@ def write(res, out: Path):
         lines += ["", f"Weight-read floor per decode token at {bw:.0f} GB/s copy: int4 "
                       f"{floor_int4 / bw / 1e6:.3f} ms" + (f", fp16 {res['fp16_weight_bytes_read_per_token'] / bw / 1e6:.3f} ms"
                                                        if "fp16_weight_bytes_read_per_token" in res else "")]
-    if res.get("nibble_decode_kernels"):
-        rows = res["nibble_decode_kernels"]
-        lines += ["", "One nibble decode step, GPU time per kernel (torch.profiler):", "",
-                  "| us | launches | kernel |", "|---|---|---|"]
-        lines += [f"| {us:.1f} | {c} | `{n[:80]}` |" for n, c, us in rows[:20]]
-        lines.append(f"| {sum(r[2] for r in rows):.1f} | {sum(r[1] for r in rows)} | total |")
+    for key, what in (("nibble_decode_kernels", "One nibble decode step"),
+                      ("nibble_prefill_kernels", f"nibble's prefill ({PROMPT} tokens, VM path)")):
+        if res.get(key):
+            rows = res[key]
+            lines += ["", f"{what}, GPU time per kernel (torch.profiler):", "",
+                      "| us | launches | kernel |", "|---|---|---|"]
+            lines += [f"| {us:.1f} | {c} | `{n[:80]}` |" for n, c, us in rows[:20]]
+            lines.append(f"| {sum(r[2] for r in rows):.1f} | {sum(r[1] for r in rows)} | total |")
     (out / "h200_generate.md").write_text("\n".join(lines) + "\n")
     log(f"wrote {out}/h200_generate.json and .md")
 

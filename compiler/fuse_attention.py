@@ -17,8 +17,10 @@ eager attention the same way less the scale on K):
 where the private Relax function (as compiler/dispatch.py does for the int4 kernels)
 
     def attention_dispatch(q, K, V, bias):
-        if s <= DECODE_ROWS: o = call_tir(attention_hH_dD..., [q, K, V, bias])   # schedules/attention.py
-        else:                o = attention_reference(q, K, V, bias)               # the chain above, as was
+        if s <= DECODE_ROWS:
+            if T <= SPLIT_FROM: o = call_tir(attention_hH_dD..., [q, K, V, bias])  # schedules/attention.py
+            else:               o = call_tir(attention_hH_dD..._split, ...)        # blocks over the cache
+        else:                   o = attention_reference(q, K, V, bias)             # the chain above, as was
         return o
 
 so decode runs one kernel that reads K and V once (the chain re-read and re-wrote the cache ~6 times:
@@ -31,7 +33,7 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import mutator
 
-from schedules.attention import ATTENTION, attention_func
+from schedules.attention import ATTENTION, SPLIT, SPLIT_FROM, attention_func
 
 from .dispatch import KERNEL_ATTR
 from .relax_util import BindingRewriter, is_op, rewrite_main, scalar
@@ -130,36 +132,38 @@ class _Fuse(BindingRewriter):
                tuple(sorted(m["dtypes"].items())))
         if key in self.funcs:
             return self.funcs[key]
-        kernel = attention_func(m["heads"], m["head_dim"], m["scale"], m["dtypes"], m["bias_dims"])
-        if kernel is None:
+        args = (m["heads"], m["head_dim"], m["scale"], m["dtypes"], m["bias_dims"])
+        kernel, split = attention_func(*args), attention_func(*args, SPLIT)
+        if kernel is None or split is None:
             self.funcs[key] = None
             return None
         name = f"attention_h{m['heads']}_d{m['head_dim']}_{len(self.funcs)}"
-        kernel = kernel.with_attr({"global_symbol": name, KERNEL_ATTR: ATTENTION, "tirx.is_scheduled": True,
-                                   "op_pattern": 8})  # opaque: FuseOps leaves it alone
         add = self.builder_.add_func
-        kernel_gv = add(kernel, name)
-        params, (b, s) = self._params(m)
+        tag = {KERNEL_ATTR: ATTENTION, "tirx.is_scheduled": True, "op_pattern": 8}  # opaque: FuseOps leaves it
+        kernel_gv = add(kernel.with_attr({"global_symbol": name, **tag}), name)
+        split_gv = add(split.with_attr({"global_symbol": f"{name}_split", **tag}), f"{name}_split")
+        params, (b, s, n) = self._params(m)
         out = relax.TensorType([b, m["heads"], s, m["head_dim"]], m["dtypes"]["out"])
         ref_gv = add(self._reference(m), f"{name}_reference")
         bb = relax.BlockBuilder()
         with bb.function("dispatch", params, pure=True, private=True):
-            y = bb.emit(relax.If(relax.prim_value(s <= self.max_rows), relax.call_tir(kernel_gv, params, out),
-                                 relax.Call(ref_gv, params)))
+            fused = relax.If(relax.prim_value(n <= SPLIT_FROM), relax.call_tir(kernel_gv, params, out),
+                             relax.call_tir(split_gv, params, out))
+            y = bb.emit(relax.If(relax.prim_value(s <= self.max_rows), fused, relax.Call(ref_gv, params)))
             bb.emit_func_output(y)
         self.funcs[key] = add(bb.get()["dispatch"], f"{name}_dispatch")
         return self.funcs[key]
 
     @staticmethod
     def _params(m):
-        """Fresh (q, K, V, bias) parameters (each function needs its own) and their (b, s) vars."""
+        """Fresh (q, K, V, bias) parameters (each function needs its own) and their (b, s, n) vars."""
         b, s, n = (tirx.Var(x, "int64") for x in ("b", "s", "n"))
         h, d, dt = m["heads"], m["head_dim"], m["dtypes"]
         sym = {"b": b, "h": h, "s": s, 1: 1}
         return [relax.Var("q", relax.TensorType([b, h, s, d], dt["q"])),
                 relax.Var("k", relax.TensorType([b, h, n, d], dt["kv"])),
                 relax.Var("v", relax.TensorType([b, h, n, d], dt["kv"])),
-                relax.Var("bias", relax.TensorType([sym[x] for x in m["bias_dims"]] + [n], dt["bias"]))], (b, s)
+                relax.Var("bias", relax.TensorType([sym[x] for x in m["bias_dims"]] + [n], dt["bias"]))], (b, s, n)
 
     def _reference(self, m):
         """The matched chain as a private function of (q, K, V, bias): what runs for many rows."""

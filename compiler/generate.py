@@ -43,6 +43,18 @@ def _cache_role(name: str):
     return (int(m.group(2)), m.group(1)) if m else None
 
 
+def _last_row(logits) -> np.ndarray:
+    """logits[:, -1, :] as fp32 numpy, copying only those rows off the device: a 200-token prompt's
+    whole [1, 200, 32000] logits took 0.9 ms to copy to the host on the H200, the last row ~nothing."""
+    b, s, v = (int(d) for d in logits.shape)
+    if s == 1:
+        return logits.numpy()[:, -1, :].astype(np.float32)
+    size = v * logits.dtype.itemsize
+    rows = [logits._create_view((1, 1, v), logits.dtype, relative_byte_offset=(i * s + s - 1) * size).numpy()
+            for i in range(b)]
+    return np.concatenate(rows)[:, -1, :].astype(np.float32)
+
+
 class Generator:
     """Wraps a loaded CompiledModel (compiler.runtime) whose inputs include past key/values."""
 
@@ -109,8 +121,7 @@ class Generator:
             feed[p["name"]] = t
         args = [feed[i["name"]] for i in self.model.inputs]
         out = self.model._main(*args, *self.model.params)
-        logits = out[self.logits_index].numpy()[:, -1, :].astype(np.float32)
-        return logits, [out[i] for i in self.present_index]
+        return _last_row(out[self.logits_index]), [out[i] for i in self.present_index]
 
     def generate(self, prompt_ids, max_new_tokens: int = 20, do_sample: bool = False, temperature: float = 1.0,
                  top_k: int = 0, top_p: float = 1.0, stop_tokens=(), seed: int | None = None,

@@ -3,20 +3,23 @@
 A decoder exported with past grows its cache every step (present = concat(past, new)), so each step
 has new shapes and the VM launches its ~1000 kernels one by one from the host (a Llama-2-7B step:
 ~4.8 ms of kernels, ~7.2 ms of wall time). When the model also takes position_ids, the cache can stay
-at a fixed length P instead, left-padded and masked out:
+at a fixed length P instead, padded on the right and masked out:
 
-    past [b, h, P, d]  (the oldest P - n slots are padding: attention_mask 0 there)
+    past [b, h, P, d]  (slots 0..n-1 hold the n cached tokens, n..P-1 padding: attention_mask 0 there)
       -> model(input_ids [b, 1], attention_mask [b, P + 1], position_ids [b, 1] = n, past)
-      -> present [b, h, P + 1, d]  -> drop the oldest slot (a padding one) -> the next past [b, h, P, d]
+      -> present [b, h, P + 1, d]  (the new token's keys/values in its last slot, P)
+      -> present[..., P, :] copied into past slot n (index_copy_ with n on the device)
 
-so every step has the same shapes. The step (the VM call plus the copies that drop the oldest slot
-back into the input buffers) is captured once into a CUDA graph (torch.cuda.graph; TVM launches on
-torch's capture stream through tvm_ffi.use_torch_stream) and replayed: the host only writes the new
-token, its position and one mask column. P is the prompt plus the new tokens rounded up to BUCKET,
-so one capture serves a whole generation and later ones of similar length.
+so every step has the same shapes. The step (the VM call plus the one-slot copies back into the input
+buffers) is captured once into a CUDA graph (torch.cuda.graph; TVM launches on torch's capture stream
+through tvm_ffi.use_torch_stream) and replayed: the host only writes the new token, its position
+(which is also the slot index) and one mask column. P is the prompt plus the new tokens rounded up to
+BUCKET, so one capture serves a whole generation and later ones of similar length.
 Padding changes nothing the model computes for real tokens (masked keys get zero weight, positions
-come from position_ids), which tests/test_generate.py checks token for token; without a GPU the same
-padded steps run uncaptured.
+come from position_ids, the query is the last key so the causal part masks nothing), which
+tests/test_generate.py checks token for token; without a GPU the same padded steps run uncaptured.
+(The cache was left-padded until 2026-11-24 and every step shifted all of it down one slot: 64 copies
+of the whole cache per Llama-2-7B step, where one slot per layer and tensor is new.)
 """
 from __future__ import annotations
 
@@ -47,6 +50,9 @@ class PaddedDecode:
         for p in gen.past:
             shape = [batch if a == 0 else self.P if a == gen.axis else d for a, d in enumerate(p["shape"])]
             self.past.append(torch.zeros(shape, dtype=getattr(torch, p["dtype"]), device=dev))
+        # the slot index_copy_ writes: n, as position_ids holds (int64 rows are all n: reuse its first)
+        self.slot = (self.pos[0] if self.pos.dtype == torch.int64 else
+                     torch.zeros((1,), dtype=torch.int64, device=dev))
         self.feed = {gen.ids["name"]: self.ids, gen.mask["name"]: self.mask, gen.positions["name"]: self.pos}
         self.feed.update({p["name"]: t for p, t in zip(gen.past, self.past)})
         assert set(self.feed) == set(spec), (sorted(self.feed), sorted(spec))
@@ -60,14 +66,15 @@ class PaddedDecode:
         if n >= self.P:
             raise ValueError(f"cache of {n} does not fit the padded length {self.P}")
         self.mask.zero_()
-        self.mask[:, self.P - n:] = 1  # the n cached tokens and (last column) the token being fed
+        self.mask[:, :n] = 1  # the n cached tokens
+        self.mask[:, self.P] = 1  # and (last column) the token being fed
         for t, src in zip(self.past, present):
             t.zero_()
-            t.narrow(self.gen.axis, self.P - n, n).copy_(torch.from_dlpack(src))
+            t.narrow(self.gen.axis, 0, n).copy_(torch.from_dlpack(src))
         self.n = n
 
     def _run(self):
-        """One model call on the static buffers, then the oldest slot dropped into the past buffers."""
+        """One model call on the static buffers, then the new token's slot copied into the past buffers."""
         import torch
         import tvm
 
@@ -75,7 +82,7 @@ class PaddedDecode:
         out = self.model._main(*args, *self.model.params)
         present = [torch.from_dlpack(out[i]) for i in self.gen.present_index]
         for t, p in zip(self.past, present):
-            t.copy_(p.narrow(self.gen.axis, 1, self.P))
+            t.index_copy_(self.gen.axis, self.slot, p.narrow(self.gen.axis, self.P, 1))
         return out, torch.from_dlpack(out[self.gen.logits_index])
 
     def _capture(self):
@@ -105,6 +112,8 @@ class PaddedDecode:
             raise ValueError("padded cache is full")
         self.ids.copy_(self._host(tok[:, None], self.ids))
         self.pos.fill_(self.n)
+        if self.slot.data_ptr() != self.pos.data_ptr():
+            self.slot.fill_(self.n)
         if self.capture:
             if self.graph is None:
                 self._capture()  # records the step without running it
@@ -112,8 +121,8 @@ class PaddedDecode:
             logits = self.out[1]
         else:
             logits = self._run()[1]
+        self.mask[:, self.n] = 1  # this step's token now sits in slot n
         self.n += 1
-        self.mask[:, self.P - self.n] = 1  # after the shift this step's token sits there
         return logits[:, -1, :].float().cpu().numpy()
 
     @staticmethod

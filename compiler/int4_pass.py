@@ -10,7 +10,8 @@ Rewrite (in every dataflow block of "main"):
     z  = call_tir(int4_matmul_nN_kK_gG, [x2, W.qweight, W.scales(, W.zeros)(, b)], [M, N])
     z  = reshape(z, [..., N])
 
-W is quantized with compiler.quantize (host side, numpy) and replaced by new function parameters
+For activations that are not fp16 the call is wrapped as astype(call(astype(x2, fp16)), x.dtype), the
+bias an fp16 copy (KERNEL_DTYPE below). W is quantized with compiler.quantize (host side, numpy) and replaced by new function parameters
 "<W>_qweight", "<W>_scales" (and "<W>_zeros"); the values go into the returned params dict. A weight
 still used elsewhere (tied embeddings) keeps its original parameter too. Activation x activation
 matmuls, 3-D weights and weights not known at compile time are left alone.
@@ -30,6 +31,13 @@ from .int4_kernel import int4_matmul_func, kernel_name
 from .quantize import QuantConfig, quantize, quantized_bytes
 
 _FLOATS = ("float16", "float32", "bfloat16")
+# The dtype of every int4 kernel's activations, bias and output. The kernel computes in it anyway (x
+# rounded to fp16, fp32 sums, + bias, rounded to fp16: what torch.autocast's fp16 linear does), so a model
+# in another dtype gets astype(x, fp16) before the call and astype(y, dtype) after it, in main, where
+# FuseOps merges them into the producer's and consumer's kernels; its bias becomes an fp16 parameter.
+# Then only fp16 kernels exist, the ones schedules/gemv.py and gemm.py take (an fp32-activation copy went
+# to dlight: Llama's fp32 o_proj GEMM took 450 us at 200 tokens on the H200, 14.5 of a 33 ms prefill).
+KERNEL_DTYPE = "float16"
 
 
 @dataclasses.dataclass
@@ -85,11 +93,13 @@ class _Int4Rewriter(PyExprMutator):
         self.new_params: list[relax.Var] = []
         self.new_values: dict[str, np.ndarray] = {}
         self.quantized: dict[str, dict[str, relax.Var]] = {}  # weight name -> its new param vars
+        self.biases: dict[str, relax.Var] = {}  # "<bias>_fp16" -> its new param var
         self.kernels: dict[str, tvm.ir.GlobalVar] = {}
         self.bindings: dict[relax.Var, relax.Expr] = {}
         self.uses: dict[relax.Var, int] = {}
         self.fold_bias: dict[relax.Var, relax.Expr] = {}  # add's var -> bias, for matmuls folded into it
         self.folded: set = set()  # matmul vars emitted inside the add that follows them
+        self.in_dataflow = False
 
     # -- analysis ------------------------------------------------------------------------------
     def _weight_of(self, expr):
@@ -178,7 +188,11 @@ class _Int4Rewriter(PyExprMutator):
     # -- rewrite -------------------------------------------------------------------------------
     def visit_dataflow_block_(self, block):
         self._scan(block)
-        return super().visit_dataflow_block_(block)
+        self.in_dataflow = True
+        try:
+            return super().visit_dataflow_block_(block)
+        finally:
+            self.in_dataflow = False
 
     def visit_var_binding_(self, binding):
         var, value = binding.var, binding.value
@@ -191,7 +205,10 @@ class _Int4Rewriter(PyExprMutator):
             new = self._rewrite(value, None)
         else:
             return super().visit_var_binding_(binding)
-        self.set_var_remap(var, self.builder_.emit(new, name_hint=var.name))
+        if self.in_dataflow and not isinstance(var, relax.DataflowVar):  # the block's output: stays one
+            self.set_var_remap(var, self.builder_.emit_output(new, name_hint=var.name))
+        else:
+            self.set_var_remap(var, self.builder_.emit(new, name_hint=var.name))
 
     def _rewrite(self, call, bias):
         name, array, transposed, _ = self._linear(call)
@@ -212,20 +229,37 @@ class _Int4Rewriter(PyExprMutator):
             self.report.layers.append(LayerReport(name, n, k, True, note, n * k * 2,
                                                   quantized_bytes(n, k, self.cfg)))
         x_dtype = str(x.ty.dtype)
-        key = kernel_name(n, k, self.cfg, x_dtype, bias is not None)
+        key = kernel_name(n, k, self.cfg, KERNEL_DTYPE, bias is not None)
         if key not in self.kernels:
             self.kernels[key] = self.builder_.add_func(
-                int4_matmul_func(n, k, self.cfg, x_dtype, bias is not None), key)
+                int4_matmul_func(n, k, self.cfg, KERNEL_DTYPE, bias is not None), key)
         lead = list(x.ty.shape.values[:-1])
         x2 = x if len(lead) == 1 else self.builder_.emit(relax.op.reshape(x, [_prod(lead), k]))
+        if x_dtype != KERNEL_DTYPE:
+            x2 = self.builder_.emit(relax.op.astype(x2, KERNEL_DTYPE))
         vs = self.quantized[name]
         args = [x2, vs["qweight"], vs["scales"]] + ([vs["zeros"]] if "zeros" in vs else [])
-        args += [self.visit_expr(bias)] if bias is not None else []
+        args += [self._bias16(bias)] if bias is not None else []
         m = x2.ty.shape.values[0]
-        y = relax.call_tir(self.kernels[key], args, relax.TensorType([m, n], x_dtype))
+        y = relax.call_tir(self.kernels[key], args, relax.TensorType([m, n], KERNEL_DTYPE))
+        if x_dtype != KERNEL_DTYPE:
+            y = relax.op.astype(self.builder_.emit(y), x_dtype)
         if len(lead) == 1:
             return y
         return relax.op.reshape(self.builder_.emit(y), lead + [n])
+
+    def _bias16(self, bias):
+        """The bias as the fp16 kernel takes it: an fp16 copy of a non-fp16 bias, a new parameter."""
+        if str(bias.ty.dtype) == KERNEL_DTYPE:
+            return self.visit_expr(bias)
+        name, value = self.weights[bias]
+        key = f"{name}_fp16"
+        if key not in self.biases:
+            v = relax.Var(key, relax.TensorType(value.shape, KERNEL_DTYPE))
+            self.new_params.append(v)
+            self.new_values[key] = np.asarray(value).astype(np.float16)
+            self.biases[key] = v
+        return self.biases[key]
 
 
 def _trailing2(expr):

@@ -7,13 +7,19 @@ times (a Llama-2-7B decode step spent ~1.5 ms there, h200_generate.md). This ker
 at their natural [b, h, T, d] layout, with fp32 math throughout:
 
   * one thread block per query row (b, h, i); WARPS warps each take 32 keys at a time, one key per
-    lane: the lane loads its key's row in 16-byte vectors and dots it with q (held in registers).
+    lane: the lane loads its key's row in 16-byte vectors and dots it with q (fp32, in shared memory,
+    read as broadcasts, which leaves the registers to the K and V rows).
+  * each iteration issues all its loads before any math: the lane's key row, then the warp's 32 value
+    rows (lane t owns dims [t*DL, t*DL + DL) of the output and reads those of each row: one 256-byte
+    row per warp, coalesced). K and V are in flight together: one memory latency per iteration.
   * online softmax (flash-attention style) per warp: running max m and sum l, both warp-uniform
-    (butterfly shuffles), the accumulator rescaled by exp(m_old - m_new) as keys arrive.
-  * P V: the warp's 32 probabilities are shuffled to every lane; lane t owns dims [t*DL, t*DL + DL) of
-    the output and reads those of each of the 32 value rows (one 256-byte row per warp: coalesced).
-    The 32 value loads are issued before any math, so they are in flight together.
+    (butterfly shuffles), the accumulator rescaled by exp(m_old - m_new) as keys arrive; then P V with
+    the warp's 32 probabilities shuffled to every lane.
   * the warps' (m, l, acc) meet in shared memory; warp 0 combines them and writes the row.
+  * long caches (fuse_attention dispatches past SPLIT_FROM keys): SPLIT blocks per row, each over a
+    contiguous slice of the cache, leave their (m, l, acc) in a global workspace, and a second kernel
+    (one warp per row) rescales them to the common max and sums them in a fixed order
+    (flash-decoding). One block per row left the GPU mostly idle at T = 4096.
 Semantics match the exported graph's, including its NaN guard: a row whose keys are all masked
 (bias -inf) gives 0, as where(isnan(softmax), 0, .) does (a chain without that guard would give NaN
 there; the kernel gives 0 either way). Keys past T and masked keys get weight 0.
@@ -31,9 +37,15 @@ ATTENTION = "attention"  # the "nibble.kernel" tag of these kernels
 @dataclasses.dataclass(frozen=True)
 class Config:
     warps: int = 8  # warps per block: 32 * warps keys per loop iteration
+    splits: int = 1  # thread blocks per query row, each over a contiguous 1/splits of the cache
 
 
 DEFAULT = Config()
+# The long-cache variant (fuse_attention dispatches to it past SPLIT_FROM keys): 16 blocks per row, so
+# 32 heads x 1 row make 512 blocks, and each walks 1/16 of the cache. H200 (h200_attention.md): at
+# T = 4096 the one-block-per-row kernel took 58 us, 2.2x torch SDPA's flash-decoding.
+SPLIT = Config(warps=4, splits=16)
+SPLIT_FROM = 512  # keys (T) above which the split variant runs
 
 _KERNEL = Template('''
 @T.prim_func
@@ -47,91 +59,140 @@ def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, bias_h: T.handle, o_h
     v = T.match_buffer(v_h, (b, T.int64($H), n, T.int64($D)), "$KD")
     bias = T.match_buffer(bias_h, ($BSHAPE, n), "$BD")
     o = T.match_buffer(o_h, (b, T.int64($H), s, T.int64($D)), "$OD")
+$WORKSPACE
     for row in T.thread_binding(b * T.int64($H) * s, thread="blockIdx.x"):
-        for ty in T.thread_binding($W, thread="threadIdx.y"):
-            for tx in T.thread_binding(32, thread="threadIdx.x"):
-                qf = T.alloc_buffer(($D,), "float32", scope="local")
-                kr = T.alloc_buffer(($D,), "$KD", scope="local")
-                vr = T.alloc_buffer((32, $DL), "$KD", scope="local")
-                acc = T.alloc_buffer(($DL,), "float32", scope="local")
-                dot = T.alloc_buffer((4,), "float32", scope="local")
-                # st: 0 running max, 1 running sum, 2 this lane's score, 3 its weight, 4 new max, 5 scratch
-                st = T.alloc_buffer((6,), "float32", scope="local")
-                sm_m = T.alloc_buffer(($W,), "float32", scope="shared")
-                sm_l = T.alloc_buffer(($W,), "float32", scope="shared")
-                sm_o = T.alloc_buffer(($W, $D), "float32", scope="shared")
-                ix = T.alloc_buffer((2,), "int64", scope="local")
-                ix[0] = row // s  # b * H + h: one division per thread, not one per access
-                ix[1] = row % s
-                bi = T.meta_var(ix[0] // T.int64($H))
-                hi = T.meta_var(ix[0] % T.int64($H))
-                qi = T.meta_var(ix[1])
-                for d in T.unroll($D):
-                    qf[d] = T.Cast("float32", q[bi, hi, qi, d])
-                for e in T.unroll($DL):
-                    acc[e] = T.float32(0)
-                st[0] = T.float32("-inf")
-                st[1] = T.float32(0)
-                for g in T.serial((n + T.int64($KB - 1)) // T.int64($KB)):
-                    j = T.meta_var(g * T.int64($KB) + T.Cast("int64", ty * 32 + tx))  # this lane's key
-                    st[2] = T.float32("-inf")
-                    if j < n:
-                        for c in T.unroll($D // $VK):
-                            for e in T.vectorized($VK):
-                                kr[c * $VK + e] = k[bi, hi, j, c * $VK + e]
-                        for p in T.unroll(4):
-                            dot[p] = T.float32(0)
-                        for d in T.unroll($D):
-                            dot[d % 4] = dot[d % 4] + qf[d] * T.Cast("float32", kr[d])
-                        st[2] = (dot[0] + dot[1] + dot[2] + dot[3]) * T.float32($SCALE) + T.Cast(
-                            "float32", bias[$BINDEX, j])
-                    st[4] = st[2]
-                    for f in T.unroll(5):
-                        st[4] = T.max(st[4], T.tvm_warp_shuffle(
-                            T.uint32(0xFFFFFFFF), st[4], T.bitwise_xor(tx, 16 >> f), 32, 32))
-                    st[4] = T.max(st[4], st[0])
-                    # all-masked so far (new max -inf): weights 0, nothing to rescale
-                    st[5] = T.if_then_else(st[4] == T.float32("-inf"), T.float32(1), T.exp(st[0] - st[4]))
-                    st[1] = st[1] * st[5]
-                    for e in T.unroll($DL):
-                        acc[e] = acc[e] * st[5]
-                    st[3] = T.if_then_else(st[4] == T.float32("-inf"), T.float32(0), T.exp(st[2] - st[4]))
-                    st[0] = st[4]
-                    st[5] = st[3]
-                    for f in T.unroll(5):
-                        st[5] = st[5] + T.tvm_warp_shuffle(
-                            T.uint32(0xFFFFFFFF), st[5], T.bitwise_xor(tx, 16 >> f), 32, 32)
-                    st[1] = st[1] + st[5]
-                    # P V: the warp's 32 value rows, all loads first (a key past T reads row T-1, weight 0)
-                    for r in T.unroll(32):
-                        for e in T.vectorized($DL):
-                            vr[r, e] = v[bi, hi, T.min(g * T.int64($KB) + T.Cast("int64", ty * 32 + r), n - T.int64(1)),
-                                         tx * $DL + e]
-                    for r in T.unroll(32):
-                        st[5] = T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), st[3], r, 32, 32)
+        for sp in T.thread_binding($S, thread="blockIdx.y"):
+            for ty in T.thread_binding($W, thread="threadIdx.y"):
+                for tx in T.thread_binding(32, thread="threadIdx.x"):
+                    kr = T.alloc_buffer(($D,), "$KD", scope="local")
+                    vr = T.alloc_buffer((32, $DL), "$KD", scope="local")
+                    acc = T.alloc_buffer(($DL,), "float32", scope="local")
+                    dot = T.alloc_buffer((4,), "float32", scope="local")
+                    # st: 0 running max, 1 running sum, 2 this lane's score, 3 its weight, 4 new max, 5 scratch
+                    st = T.alloc_buffer((6,), "float32", scope="local")
+                    sm_q = T.alloc_buffer(($D,), "float32", scope="shared")
+                    sm_m = T.alloc_buffer(($W,), "float32", scope="shared")
+                    sm_l = T.alloc_buffer(($W,), "float32", scope="shared")
+                    sm_o = T.alloc_buffer(($W, $D), "float32", scope="shared")
+                    ix = T.alloc_buffer((4,), "int64", scope="local")
+                    ix[0] = row // s  # b * H + h: one division per thread, not one per access
+                    ix[1] = row % s
+                    # this block's keys [ix[2], ix[3]): 1/S of the cache, in whole iterations of $KB
+                    ix[2] = T.int64(sp) * ((n + T.int64($S * $KB - 1)) // T.int64($S * $KB) * T.int64($KB))
+                    ix[3] = T.min(n, ix[2] + (n + T.int64($S * $KB - 1)) // T.int64($S * $KB) * T.int64($KB))
+                    bi = T.meta_var(ix[0] // T.int64($H))
+                    hi = T.meta_var(ix[0] % T.int64($H))
+                    qi = T.meta_var(ix[1])
+                    # q in shared memory (fp32), read back as broadcasts: registers go to K and V rows
+                    if ty == 0:
                         for e in T.unroll($DL):
-                            acc[e] = acc[e] + st[5] * T.Cast("float32", vr[r, e])
-                for e in T.unroll($DL):
-                    sm_o[ty, tx * $DL + e] = acc[e]
-                if tx == 0:
-                    sm_m[ty] = st[0]
-                    sm_l[ty] = st[1]
-                if ty == 0:
-                    st[4] = T.float32("-inf")
-                    for w in T.unroll($W):
-                        st[4] = T.max(st[4], sm_m[w])
-                    st[1] = T.float32(0)
+                            sm_q[tx * $DL + e] = T.Cast("float32", q[bi, hi, qi, tx * $DL + e])
                     for e in T.unroll($DL):
                         acc[e] = T.float32(0)
-                    for w in T.unroll($W):
-                        st[5] = T.if_then_else(sm_m[w] == T.float32("-inf"), T.float32(0), T.exp(sm_m[w] - st[4]))
-                        st[1] = st[1] + sm_l[w] * st[5]
+                    st[0] = T.float32("-inf")
+                    st[1] = T.float32(0)
+                    for g in T.serial((ix[3] - ix[2] + T.int64($KB - 1)) // T.int64($KB)):
+                        j = T.meta_var(ix[2] + g * T.int64($KB) + T.Cast("int64", ty * 32 + tx))  # this lane's key
+                        # every load of the iteration first: this lane's key row, then the warp's 32
+                        # value rows (a key past the range reads row n-1, weight 0): K and V in flight together
+                        if j < ix[3]:
+                            for c in T.unroll($D // $VK):
+                                for e in T.vectorized($VK):
+                                    kr[c * $VK + e] = k[bi, hi, j, c * $VK + e]
+                        for r in T.unroll(32):
+                            for e in T.vectorized($DL):
+                                vr[r, e] = v[bi, hi, T.min(ix[2] + g * T.int64($KB) + T.Cast("int64", ty * 32 + r),
+                                                           n - T.int64(1)), tx * $DL + e]
+                        st[2] = T.float32("-inf")
+                        if j < ix[3]:
+                            for p in T.unroll(4):
+                                dot[p] = T.float32(0)
+                            for d in T.unroll($D):
+                                dot[d % 4] = dot[d % 4] + sm_q[d] * T.Cast("float32", kr[d])
+                            st[2] = (dot[0] + dot[1] + dot[2] + dot[3]) * T.float32($SCALE) + T.Cast(
+                                "float32", bias[$BINDEX, j])
+                        st[4] = st[2]
+                        for f in T.unroll(5):
+                            st[4] = T.max(st[4], T.tvm_warp_shuffle(
+                                T.uint32(0xFFFFFFFF), st[4], T.bitwise_xor(tx, 16 >> f), 32, 32))
+                        st[4] = T.max(st[4], st[0])
+                        # all-masked so far (new max -inf): weights 0, nothing to rescale
+                        st[5] = T.if_then_else(st[4] == T.float32("-inf"), T.float32(1), T.exp(st[0] - st[4]))
+                        st[1] = st[1] * st[5]
                         for e in T.unroll($DL):
-                            acc[e] = acc[e] + sm_o[w, tx * $DL + e] * st[5]
+                            acc[e] = acc[e] * st[5]
+                        st[3] = T.if_then_else(st[4] == T.float32("-inf"), T.float32(0), T.exp(st[2] - st[4]))
+                        st[0] = st[4]
+                        st[5] = st[3]
+                        for f in T.unroll(5):
+                            st[5] = st[5] + T.tvm_warp_shuffle(
+                                T.uint32(0xFFFFFFFF), st[5], T.bitwise_xor(tx, 16 >> f), 32, 32)
+                        st[1] = st[1] + st[5]
+                        # P V: lane r's weight to every lane, times its value row
+                        for r in T.unroll(32):
+                            st[5] = T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), st[3], r, 32, 32)
+                            for e in T.unroll($DL):
+                                acc[e] = acc[e] + st[5] * T.Cast("float32", vr[r, e])
                     for e in T.unroll($DL):
-                        o[bi, hi, qi, tx * $DL + e] = T.Cast("$OD", T.if_then_else(
-                            st[1] > T.float32(0), acc[e] / st[1], T.float32(0)))
-''')
+                        sm_o[ty, tx * $DL + e] = acc[e]
+                    if tx == 0:
+                        sm_m[ty] = st[0]
+                        sm_l[ty] = st[1]
+                    if ty == 0:
+                        st[4] = T.float32("-inf")
+                        for w in T.unroll($W):
+                            st[4] = T.max(st[4], sm_m[w])
+                        st[1] = T.float32(0)
+                        for e in T.unroll($DL):
+                            acc[e] = T.float32(0)
+                        for w in T.unroll($W):
+                            st[5] = T.if_then_else(sm_m[w] == T.float32("-inf"), T.float32(0), T.exp(sm_m[w] - st[4]))
+                            st[1] = st[1] + sm_l[w] * st[5]
+                            for e in T.unroll($DL):
+                                acc[e] = acc[e] + sm_o[w, tx * $DL + e] * st[5]
+$STORE
+$COMBINE''')
+
+# one block: normalize and write the row
+_STORE_ROW = '''
+                        for e in T.unroll($DL):
+                            o[bi, hi, qi, tx * $DL + e] = T.Cast("$OD", T.if_then_else(
+                                st[1] > T.float32(0), acc[e] / st[1], T.float32(0)))'''
+# splits: each block leaves its (max, sum, unnormalized acc) for the combine kernel
+_STORE_PART = '''
+                        for e in T.unroll($DL):
+                            ws_o[row, sp, tx * $DL + e] = acc[e]
+                        if tx == 0:
+                            ws_ml[row, sp, 0] = st[4]
+                            ws_ml[row, sp, 1] = st[1]'''
+_WORKSPACE = '''
+    ws_o = T.alloc_buffer((b * T.int64($H) * s, $S, $D), "float32", scope="global")
+    ws_ml = T.alloc_buffer((b * T.int64($H) * s, $S, 2), "float32", scope="global")'''
+# a second kernel, one warp per row: the splits' partials rescaled to the common max and summed in a
+# fixed order (deterministic), then normalized as the one-block kernel does
+_COMBINE = '''
+    for row in T.thread_binding(b * T.int64($H) * s, thread="blockIdx.x"):
+        for tx in T.thread_binding(32, thread="threadIdx.x"):
+            acc = T.alloc_buffer(($DL,), "float32", scope="local")
+            st = T.alloc_buffer((3,), "float32", scope="local")
+            ix = T.alloc_buffer((2,), "int64", scope="local")
+            ix[0] = row // s
+            ix[1] = row % s
+            st[0] = T.float32("-inf")
+            for i in T.unroll($S):
+                st[0] = T.max(st[0], ws_ml[row, i, 0])
+            st[1] = T.float32(0)
+            for e in T.unroll($DL):
+                acc[e] = T.float32(0)
+            for i in T.unroll($S):
+                st[2] = T.if_then_else(ws_ml[row, i, 0] == T.float32("-inf"), T.float32(0),
+                                       T.exp(ws_ml[row, i, 0] - st[0]))
+                st[1] = st[1] + ws_ml[row, i, 1] * st[2]
+                for e in T.unroll($DL):
+                    acc[e] = acc[e] + ws_o[row, i, tx * $DL + e] * st[2]
+            for e in T.unroll($DL):
+                o[ix[0] // T.int64($H), ix[0] % T.int64($H), ix[1], tx * $DL + e] = T.Cast("$OD", T.if_then_else(
+                    st[1] > T.float32(0), acc[e] / st[1], T.float32(0)))'''
 
 
 def attention_func(heads: int, head_dim: int, scale: float, dtypes: dict, bias_dims: tuple,
@@ -139,7 +200,8 @@ def attention_func(heads: int, head_dim: int, scale: float, dtypes: dict, bias_d
     """The kernel PrimFunc, or None for a head dim it does not take.
 
     dtypes: {"q", "kv", "bias", "out"}; bias_dims: for the bias's first three dims, which broadcast:
-    e.g. ("b", 1, "s") for a [b, 1, s, T] mask shared by all heads."""
+    e.g. ("b", 1, "s") for a [b, 1, s, T] mask shared by all heads. cfg.splits > 1: the long-cache
+    variant (blocks over slices of the cache, then a combine kernel)."""
     import tvm
     from tvm.script import tirx as T  # noqa: F401  (the template's T)
 
@@ -148,8 +210,12 @@ def attention_func(heads: int, head_dim: int, scale: float, dtypes: dict, bias_d
     shape = {"b": "b", "h": f"T.int64({heads})", "s": "s", 1: "T.int64(1)"}
     index = {"b": "bi", "h": "hi", "s": "qi", 1: "T.int64(0)"}
     vk = 8 if str(dtypes["kv"]) == "float16" else 4  # 16-byte vectors
-    src = _KERNEL.substitute(
-        H=heads, D=head_dim, DL=head_dim // 32, VK=vk, W=cfg.warps, KB=32 * cfg.warps, SCALE=repr(float(scale)),
-        QD=dtypes["q"], KD=dtypes["kv"], BD=dtypes["bias"], OD=dtypes["out"],
+    split = cfg.splits > 1
+    fields = dict(
+        H=heads, D=head_dim, DL=head_dim // 32, VK=vk, W=cfg.warps, KB=32 * cfg.warps, S=cfg.splits,
+        SCALE=repr(float(scale)), QD=dtypes["q"], KD=dtypes["kv"], BD=dtypes["bias"], OD=dtypes["out"],
         BSHAPE=", ".join(shape[d] for d in bias_dims), BINDEX=", ".join(index[d] for d in bias_dims))
+    fill = lambda t: Template(t).substitute(fields) if t else ""
+    src = _KERNEL.substitute(fields, WORKSPACE=fill(_WORKSPACE if split else ""),
+                             STORE=fill(_STORE_PART if split else _STORE_ROW), COMBINE=fill(_COMBINE if split else ""))
     return tvm.script.from_source(src)

@@ -18,6 +18,7 @@ Functions with only static shapes are left to Fallback (NarrowDataType already g
 """
 from __future__ import annotations
 
+import tvm
 from tvm import s_tir, tirx
 from tvm.s_tir.dlight.analysis import normalize_prim_func
 from tvm.s_tir.dlight.base import try_inline
@@ -37,6 +38,24 @@ def _bytes(dtype) -> int:
 
     t = tvm.DataType(str(dtype))
     return max(1, t.bits * t.lanes // 8)
+
+
+def _widest_value(expr) -> int:
+    """Bytes of the widest dtype among the values an expression computes (not its indices): a cast to
+    fp32 between fp16 buffers makes fp32 vectors, and TVM 0.27's CUDA codegen miswrites 32-byte ones
+    (an 8-lane fp32 constant came out as make_ulonglong4 of 8 floats, which nvcc rejects)."""
+    # PrimExprs carry their dtype as .ty in TVM 0.27; integer and bool values are indices and conditions
+    widest = _bytes(expr.ty) if str(expr.ty).startswith(("float", "bfloat")) else 1
+    if isinstance(expr, tvm.ir.expr.TensorLoad):  # a buffer read (its indices are not values)
+        return widest
+    for field in ("a", "b", "value", "condition", "true_value", "false_value"):
+        sub = getattr(expr, field, None)
+        if isinstance(sub, tvm.ir.expr.Expr):
+            widest = max(widest, _widest_value(sub))
+    for sub in getattr(expr, "args", None) or ():
+        if isinstance(sub, tvm.ir.expr.Expr):
+            widest = max(widest, _widest_value(sub))
+    return widest
 
 
 def _contiguous_lanes(block, inner_var, vec: int) -> bool:
@@ -105,6 +124,8 @@ class Injective(GPUScheduleRule):
         vec = 1
         if k < len(loops) - 1:
             widest = max(_bytes(r.source.dtype) for r in list(blk.reads) + list(blk.writes))
+            if isinstance(blk.body, tirx.BufferStore):
+                widest = max(widest, _widest_value(blk.body.value))
             vec = max(1, VECTOR_BYTES // widest)
             last = _static(extents[-1])
             while vec > 1 and last % vec:

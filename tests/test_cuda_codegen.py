@@ -26,7 +26,10 @@ def _module():
             kt = bb.emit(relax.op.permute_dims(cat, [0, 1, 3, 2]))
             scaled = bb.emit(relax.op.multiply(kt, relax.const(0.5, "float16")))
             f32 = bb.emit(relax.op.astype(cat, "float32"))
-            out = bb.emit_output(relax.Tuple([cat, scaled, f32]))
+            # fp16 buffers, fp32 math with a constant: must not make 8-lane fp32 vectors (see below)
+            mixed = bb.emit(relax.op.astype(relax.op.multiply(relax.op.astype(new, "float32"),
+                                                              relax.const(0.5, "float32")), "float16"))
+            out = bb.emit_output(relax.Tuple([cat, scaled, f32, mixed]))
         bb.emit_func_output(out)
     return bb.get()
 
@@ -79,6 +82,13 @@ def test_last_dim_is_vectorized(source):
     assert "half4" in cast and "float4" in cast
 
 
+def test_fp32_math_between_fp16_buffers_takes_4_lanes(source):
+    # 8 lanes would make 32-byte fp32 vectors, which TVM 0.27's CUDA codegen miswrites (an fp32 constant
+    # as make_ulonglong4 of 8 floats: nvcc refused it); the build above would have failed
+    body = _kernel(source, "fused_cast1_multiply1_cast2")
+    assert "float4" in body and "ulonglong4" not in body, body
+
+
 @pytest.mark.gpu
 def test_values_on_gpu():
     import tvm
@@ -93,9 +103,10 @@ def test_values_on_gpu():
     for b, p, s in [(1, 37, 1), (2, 0, 5), (3, 129, 7)]:
         past = rng.standard_normal((b, HEADS, p, DIM)).astype("float16")
         new = rng.standard_normal((b, HEADS, s, DIM)).astype("float16")
-        cat, scaled, f32 = (o.numpy() for o in vm["main"](tvm.runtime.tensor(past, dev),
+        cat, scaled, f32, mixed = (o.numpy() for o in vm["main"](tvm.runtime.tensor(past, dev),
                                                          tvm.runtime.tensor(new, dev)))
         ref = np.concatenate([past, new], axis=2)
         np.testing.assert_array_equal(cat, ref)
         np.testing.assert_array_equal(scaled, ref.transpose(0, 1, 3, 2) * np.float16(0.5))
         np.testing.assert_array_equal(f32, ref.astype("float32"))
+        np.testing.assert_array_equal(mixed, (new.astype("float32") * np.float32(0.5)).astype("float16"))

@@ -157,7 +157,8 @@ def test_hf_llama_greedy_equals_transformers(tmp_path):
 
 def test_padded_fixed_shape_decode_equals_growing_cache(tmp_path):
     """The fixed-shape decode that GPUs replay from a CUDA graph (compiler/graph_decode.py), run
-    uncaptured: a left-padded, masked cache gives the same tokens as the growing one."""
+    uncaptured: a right-padded, masked cache written one slot per step gives the same tokens as the
+    growing one."""
     pytest.importorskip("transformers")
     models.hf_llama_with_past(tmp_path / "llama.onnx", seed=1)
     art = nibble.compile_model(tmp_path / "llama.onnx", target="llvm", quantize=False, output=tmp_path / "l.nibble",

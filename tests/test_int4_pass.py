@@ -35,8 +35,10 @@ def test_onnx_mlp_matmul_and_bias(tmp_path):
     mod, params, report = quantize_linears(imp.mod, imp.params, QuantConfig(32))
     assert census(mod) == (2, 1)  # y @ y^T stays an fp matmul
     assert len(report.quantized) == 2
-    # the bias add was folded into the kernel and the fp32 weights are gone from the parameters
-    assert "w1" not in params and "w2" not in params and "b1" in params
+    # the bias add was folded into the kernel (as an fp16 copy: the kernel's dtype) and the fp32
+    # weights are gone from the parameters
+    assert "w1" not in params and "w2" not in params and "b1" not in params
+    assert params["b1_fp16"].dtype == np.float16 and np.array_equal(params["b1_fp16"], w["b1"].astype(np.float16))
     assert "R.add" not in mod["main"].script()
     # ONNX MatMul weights are [K, N]: the pass quantized their transpose (within half an int4 step)
     deq = dequantize({"qweight": params["w1_qweight"], "scales": params["w1_scales"]}, 64, QuantConfig(32))
@@ -110,3 +112,16 @@ def test_weight_broadcast_over_batch_is_a_linear():
     mod, _, report = quantize_linears(imp.mod, imp.params)
     assert [(l.n, l.k) for l in report.quantized] == [(48, 32)]
     assert census(mod) == (1, 0)
+
+
+def test_fp32_model_calls_fp16_kernels_and_keeps_its_output(tiny_gpt_onnx):
+    """An fp32 model: each kernel is the fp16 one between two casts (which FuseOps merges into the
+    neighbouring kernels), and a linear that produced the dataflow block's output still does."""
+    imp = import_model(tiny_gpt_onnx)
+    mod, params, _ = quantize_linears(imp.mod, imp.params, QuantConfig(32))
+    kernels = [f.attrs[ATTR] for _, f in mod.functions_items() if hasattr(f, "attrs") and f.attrs and ATTR in f.attrs]
+    assert kernels and all(str(k["x_dtype"]) == "float16" for k in kernels)
+    last = mod["main"].body.blocks[-1]
+    assert isinstance(last, relax.DataflowBlock)
+    assert not isinstance(last.bindings[-1].var, relax.DataflowVar)  # emitted with emit_output: gv stays visible
+    assert str(mod["main"].ret_ty.dtype) == "float32"

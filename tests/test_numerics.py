@@ -21,7 +21,7 @@ def mlp_reference(x, w, artifact, cfg, k, hidden):
     part = lambda n: {s: p[f"{n}_{s}"] for s in ("qweight", "scales", "zeros") if f"{n}_{s}" in p}
     w1 = dequantize(part("w1"), k, cfg).astype(np.float64)
     w2 = dequantize(part("w2"), hidden, cfg).astype(np.float64)
-    h = f16(f16(x) @ w1.T + w["b1"])
+    h = f16(f16(x) @ w1.T + f16(w["b1"]))  # the fp32 model's bias goes into the fp16 kernel as fp16
     y = f16(f16(np.maximum(h, 0)) @ w2.T)
     return y, y @ np.swapaxes(y, -1, -2)
 
