@@ -61,8 +61,27 @@ def copy_gbps():
     return 2 * a.numel() * 2 * 10 / (start.elapsed_time(end) * 1e-3) / 1e9
 
 
-def main():
+def measure(q, k, v, mask, fused, chain, causal: bool = False) -> dict:
+    """{name: {"us", "rel_err"}} of the two compiled models and torch SDPA against float64; SDPA gets
+    the mask, or is_causal=True (its flash kernel) where the mask is the causal one."""
     import numpy as np
+    import torch
+
+    from tests import models
+
+    ref = models.sdpa_reference(q.cpu().numpy(), k.cpu().numpy(), v.cpu().numpy(), mask.cpu().numpy())
+    err = lambda y: float(np.linalg.norm(y - ref) / np.linalg.norm(ref))
+    out = {}
+    for name, m in (("nibble_fused", fused), ("tvm_chain", chain)):
+        out[name] = {"us": gpu_us(lambda: m(q=q, k=k, v=v, mask=mask)),
+                     "rel_err": err(m(q=q, k=k, v=v, mask=mask).cpu().numpy())}
+    kw = {"is_causal": True} if causal else {"attn_mask": mask}
+    sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, **kw)
+    out["torch_sdpa"] = {"us": gpu_us(sdpa), "rel_err": err(sdpa().float().cpu().numpy())}
+    return out
+
+
+def main():
     import torch
 
     import compiler.fuse_attention as fa
@@ -89,15 +108,7 @@ def main():
         v = torch.randn(1, HEADS, t, DIM, dtype=torch.float16, device="cuda", generator=g)
         mask = torch.ones(1, 1, 1, t, dtype=torch.bool, device="cuda")
         mask[..., : t // 4] = False  # left padding, as the padded decode cache has
-        ref = models.sdpa_reference(q.cpu().numpy(), k.cpu().numpy(), v.cpu().numpy(), mask.cpu().numpy())
-        out = {}
-        for name, m in (("nibble_fused", fused), ("tvm_chain", chain)):
-            y = m(q=q, k=k, v=v, mask=mask)
-            err = float(np.linalg.norm(y.cpu().numpy() - ref) / np.linalg.norm(ref))
-            out[name] = {"us": gpu_us(lambda: m(q=q, k=k, v=v, mask=mask)), "rel_err": err}
-        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-        y = sdpa().float().cpu().numpy()
-        out["torch_sdpa"] = {"us": gpu_us(sdpa), "rel_err": float(np.linalg.norm(y - ref) / np.linalg.norm(ref))}
+        out = measure(q, k, v, mask, fused, chain)
         floor_us = 2 * k.numel() * 2 / (bw * 1e3)
         rows.append({"T": t, "floor_us": floor_us, **out})
         print(f"T={t:5d}  floor {floor_us:6.2f} us  " + "  ".join(
@@ -108,15 +119,7 @@ def main():
         g = torch.Generator(device="cuda").manual_seed(t)
         q, k, v = (torch.randn(1, HEADS, t, DIM, dtype=torch.float16, device="cuda", generator=g) for _ in range(3))
         mask = torch.ones(t, t, dtype=torch.bool, device="cuda").tril()[None, None]
-        ref = models.sdpa_reference(q.cpu().numpy(), k.cpu().numpy(), v.cpu().numpy(), mask.cpu().numpy())
-        out = {}
-        for name, m in (("nibble_fused", fused_all), ("tvm_chain", chain)):
-            y = m(q=q, k=k, v=v, mask=mask)
-            err = float(np.linalg.norm(y.cpu().numpy() - ref) / np.linalg.norm(ref))
-            out[name] = {"us": gpu_us(lambda: m(q=q, k=k, v=v, mask=mask)), "rel_err": err}
-        sdpa = lambda: torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True)
-        y = sdpa().float().cpu().numpy()
-        out["torch_sdpa"] = {"us": gpu_us(sdpa), "rel_err": float(np.linalg.norm(y - ref) / np.linalg.norm(ref))}
+        out = measure(q, k, v, mask, fused_all, chain, causal=True)
         prefill.append({"T": t, **out})
         print(f"prefill s=T={t:5d}  " + "  ".join(f"{n} {r['us']:8.2f} us (err {r['rel_err']:.1e})"
                                              for n, r in out.items()), flush=True)

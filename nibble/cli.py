@@ -23,6 +23,7 @@ EPILOG = """examples:
   nibble run model.nibble --input input_ids=ids.npy --save out.npz
   nibble inspect model.nibble
   nibble tune model.onnx --target cuda --trials 200         then compile picks the records up
+  nibble bench --ms 1,16,200                    int4 linears vs cuBLAS fp16 / torch int4 on this GPU
 """
 
 
@@ -199,6 +200,15 @@ def cmd_demo(a) -> int:
     return run_demo(a.target, a.arch, Path(a.dir))
 
 
+def cmd_bench(a) -> int:
+    from nibble import bench
+
+    shapes = bench.parse_shapes(a.shapes) if a.shapes else bench.SHAPES
+    ms = bench.parse_ms(a.ms) if a.ms else bench.MS
+    bench.run(shapes, ms, Path(a.out), a.arch)
+    return 0
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="nibble", description="int4 weight-only (W4A16) compiler for "
                                 "linear-heavy networks, built on Apache TVM.", epilog=EPILOG,
@@ -277,6 +287,18 @@ def parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int)
     g.add_argument("--device", help="cuda or cpu (default: what it was built for)")
     g.set_defaults(func=cmd_generate)
+
+    b = sub.add_parser("bench", help="time the int4 linear kernels on this GPU against cuBLAS fp16 and torch int4",
+                       description="For each K->N linear, compile an fp16 nn.Linear with int4 weights as "
+                       "compile does, then time it at each token count M beside cuBLAS fp16, torch's int4 "
+                       "kernel and a copy of the same weight bytes (CUDA graphs, weights from HBM). Prints "
+                       "us, GB/s, TFLOP/s and ratios; writes bench.json, bench.md and roofline.png.")
+    b.add_argument("--shapes", help="K->N linears as KxN,KxN,... (default: Llama-2-7B's "
+                   "4096x12288,4096x4096,4096x22016,11008x4096)")
+    b.add_argument("--ms", help="token counts, comma-separated (default 1,2,4,8,16,32,200,2048)")
+    b.add_argument("--arch", help="CUDA arch (default: the local GPU's)")
+    b.add_argument("--out", default="nibble-bench", help="folder for the results (default nibble-bench)")
+    b.set_defaults(func=cmd_bench)
 
     d = sub.add_parser("demo", help="build, run and check the built-in example (a small GPT-style model)")
     d.add_argument("--target", default=None, help="cuda or llvm (default: cuda if a GPU is here, else llvm)")
