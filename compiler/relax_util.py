@@ -37,6 +37,7 @@ class BindingRewriter(PyExprMutator):
         super().__init__(mod)
         self.bindings: dict = {}
         self.count = 0  # bindings rewritten
+        self.in_dataflow = False
 
     def bound(self, expr, name: str):
         """expr's value (looking through one var) if it is a call of op `name`, else None."""
@@ -49,11 +50,21 @@ class BindingRewriter(PyExprMutator):
     def visit_dataflow_block_(self, block):
         for b in block.bindings:
             self.bindings[b.var] = b.value
-        return super().visit_dataflow_block_(block)
+        self.in_dataflow = True
+        try:
+            return super().visit_dataflow_block_(block)
+        finally:
+            self.in_dataflow = False
 
     def visit_var_binding_(self, binding):
         new = self.rewrite(binding.value)
         if new is None:
             return super().visit_var_binding_(binding)
         self.count += 1
-        self.set_var_remap(binding.var, self.builder_.emit(new, name_hint=binding.var.name))
+        var = binding.var
+        # a dataflow block's output var (not a DataflowVar) must be emitted as an output again, or it
+        # is local to the block and the function's result is undefined to the VM
+        out = (self.builder_.emit_output(new, name_hint=var.name)
+               if self.in_dataflow and not isinstance(var, relax.DataflowVar)
+               else self.builder_.emit(new, name_hint=var.name))
+        self.set_var_remap(var, out)

@@ -46,3 +46,26 @@ def test_rmsnorm_becomes_one_op_with_the_same_values(square):
 
 def test_layernorm_is_left_alone(tiny_gpt_onnx):
     assert fuse_rmsnorm(import_model(tiny_gpt_onnx).mod)[1] == 0
+
+
+
+def test_a_rewritten_block_output_stays_an_output():
+    """RMSNorm arithmetic whose result is the dataflow block's output var (R.output): the rewrite must
+    emit it as an output again, or the VM finds the function's result undefined."""
+    x = relax.Var("x", relax.TensorType([2, 32], "float32"))
+    bb = relax.BlockBuilder()
+    with bb.function("main", [x]):
+        with bb.dataflow():
+            sq = bb.emit(relax.op.multiply(x, x))
+            ms = bb.emit(relax.op.mean(sq, axis=[-1], keepdims=True))
+            r = bb.emit(relax.op.rsqrt(relax.op.add(ms, relax.const(1e-6, "float32"))))
+            y = bb.emit_output(relax.op.multiply(x, r))
+        bb.emit_func_output(y)
+    mod = bb.get()
+    fused, count = fuse_rmsnorm(mod)
+    assert count == 1
+    last = fused["main"].body.blocks[-1]
+    assert not isinstance(last.bindings[-1].var, relax.DataflowVar)  # emit_output, not emit
+    xv = np.random.default_rng(1).standard_normal((2, 32)).astype(np.float32)
+    run = lambda m: relax.VirtualMachine(tvm.compile(m, target="llvm"), tvm.cpu())["main"](tvm.runtime.tensor(xv)).numpy()
+    np.testing.assert_allclose(run(fused), run(mod), rtol=1e-6, atol=1e-6)

@@ -181,3 +181,16 @@ def test_padded_fixed_shape_decode_equals_growing_cache(tmp_path):
     dec.n = dec.P
     with pytest.raises(ValueError, match="padded cache is full"):
         dec.step(np.array([1, 2]))
+
+
+@pytest.mark.parametrize("b,s", [(1, 1), (1, 7), (3, 5)])
+def test_last_row_copies_only_the_last_position(b, s):
+    """Prefill's logits: only [:, -1, :] leaves the device (views of the last row of each sequence)."""
+    import tvm
+
+    from compiler.generate import _last_row
+
+    logits = np.random.default_rng(b * 10 + s).standard_normal((b, s, 33)).astype(np.float16)
+    got = _last_row(tvm.runtime.tensor(logits))
+    assert got.dtype == np.float32 and got.shape == (b, 33)
+    np.testing.assert_array_equal(got, logits[:, -1, :].astype(np.float32))
