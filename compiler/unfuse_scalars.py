@@ -15,7 +15,9 @@ Scalars that only appear in buffer shapes are not operands and fuse fine (tested
 decoders): an op on [batch * seq, K] gets batch and seq that way, and marking those opaque kept
 kernels apart. And a reshape over symbolic dims (legalized R.reshape, [b, s, K] <-> [b * s, K]) is
 annotated opaque because its index map is not analyzable; it is injective, and left opaque it cut every
-chain through it (int4 output -> reshape -> RoPE or SiLU*mul), so it is marked injective.
+chain through it (int4 output -> reshape -> RoPE or SiLU*mul), so it is marked injective. The same goes
+for a concatenate along a symbolic dim: the KV cache's concat(past, new) now shares a kernel with the
+op that makes `new` (RoPE for keys, the transpose for values): two launches fewer per layer.
 """
 from __future__ import annotations
 
@@ -23,6 +25,9 @@ import tvm
 
 K_OPAQUE = 8  # relax OpPatternKind::kOpaque
 K_INJECTIVE = 2  # relax OpPatternKind::kInjective
+# legalized ops TVM annotates opaque over symbolic dims although each output element reads one input
+# element: reshape, and concatenate (the KV cache's concat(past, new) along the symbolic length)
+INJECTIVE_OPS = ("reshape", "concatenate")
 
 
 def _has_scalar_param(func) -> bool:
@@ -46,7 +51,7 @@ def unfuse_scalar_param_funcs(mod, _ctx):
     for gv, func in mod.functions.items():
         if isinstance(func, tvm.tirx.PrimFunc) and _has_scalar_param(func):
             func = func.with_attr("op_pattern", K_OPAQUE)
-        elif (isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint.startswith("reshape")
+        elif (isinstance(func, tvm.tirx.PrimFunc) and gv.name_hint.startswith(INJECTIVE_OPS)
               and int(func.attrs.get("op_pattern", 0)) == K_OPAQUE):
             func = func.with_attr("op_pattern", K_INJECTIVE)
         funcs[gv] = func

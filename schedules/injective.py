@@ -58,6 +58,9 @@ def _widest_value(expr) -> int:
     return widest
 
 
+_ANALYZER = tvm.sym.Analyzer()
+
+
 def _contiguous_lanes(block, inner_var, vec: int) -> bool:
     """Every buffer access indexes its last dim with inner_var (+ a multiple of vec), and every
     accessed buffer's last dim is a static multiple of vec, so vec-wide accesses are aligned."""
@@ -68,12 +71,12 @@ def _contiguous_lanes(block, inner_var, vec: int) -> bool:
         last = region.region[-1]
         if _static(last.extent) != 1:
             return False
-        idx = last.min
-        if isinstance(idx, tirx.Add) and _static(idx.b) is not None:
-            if _static(idx.b) % vec:
-                return False
-            idx = idx.a
-        if not (isinstance(idx, tirx.Var) and idx.same_as(inner_var)):
+        # the last index must be inner_var + (something free of it and a multiple of vec): a constant
+        # offset, or a head's column block of a merged q/k/v output (h * 128 + 512 + d)
+        rest = _ANALYZER.simplify(last.min - inner_var)
+        if any(v.same_as(inner_var) for v in _vars(rest)):
+            return False
+        if not _ANALYZER.can_prove_equal(tirx.floormod(rest, vec), 0):
             return False
         # the other dims must not depend on the vectorized var
         for r in region.region[:-1]:

@@ -133,3 +133,31 @@ def test_reshape_over_symbolic_dims_fuses_with_its_consumer():
     got = vm["main"](tvm.runtime.tensor(a)).numpy()
     want = 1 / (1 + np.exp(-a[..., 8:].astype(np.float32)))
     np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+
+
+def test_kv_concat_over_symbolic_length_fuses_with_its_producer():
+    """concat(past, new) along the symbolic cache length is annotated opaque by TVM; marked injective,
+    the op that makes `new` (RoPE, the transpose of v) writes the present cache in the same kernel."""
+    import numpy as np
+
+    from compiler.unfuse_scalars import unfuse_scalar_param_funcs
+
+    b, p, s = (tirx.Var(n, "int64") for n in ("b", "p", "s"))
+    bb = relax.BlockBuilder()
+    past = relax.Var("past", relax.TensorType([b, 2, p, 8], "float16"))
+    x = relax.Var("x", relax.TensorType([b, s, 2, 8], "float16"))
+    with bb.function("main", [past, x]):
+        with bb.dataflow():
+            new = bb.emit(relax.op.permute_dims(x, [0, 2, 1, 3]))
+            out = bb.emit_output(relax.op.concat([past, new], axis=2))
+        bb.emit_func_output(out)
+    passes = [relax.transform.LegalizeOps(), relax.transform.AnnotateTIROpPattern(), unfuse_scalar_param_funcs,
+              relax.transform.FuseOps(), relax.transform.FuseTIR()]
+    mod = tvm.transform.Sequential(passes)(bb.get())
+    kernels = [gv.name_hint for gv, f in mod.functions.items() if isinstance(f, tirx.PrimFunc)]
+    assert kernels == ["fused_transpose_concatenate"], kernels
+    vm = relax.VirtualMachine(tvm.compile(mod, target="llvm"), tvm.cpu())
+    rng = np.random.default_rng(0)
+    a, c = rng.standard_normal((1, 2, 5, 8)).astype("float16"), rng.standard_normal((1, 1, 2, 8)).astype("float16")
+    got = vm["main"](tvm.runtime.tensor(a), tvm.runtime.tensor(c)).numpy()
+    np.testing.assert_array_equal(got, np.concatenate([a, c.transpose(0, 2, 1, 3)], axis=2))
