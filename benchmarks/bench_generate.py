@@ -152,19 +152,13 @@ def swap_int4(model, group: int = 128):
     (same integers and fp16 scales nibble computes; tinygemm wants bf16 scales and activations)."""
     import torch
 
-    from compiler.quantize import QuantConfig, quantize, unpack_int4
+    from nibble.bench import tinygemm_weight
 
     class Int4Linear(torch.nn.Module):
         def __init__(self, lin):
             super().__init__()
-            w = lin.weight.detach().float().cpu().numpy()
-            parts = quantize(w, QuantConfig(group_size=group))
-            nib = torch.from_numpy(unpack_int4(parts["qweight"], w.shape[1]).astype("int32")).to(DEV)
-            packed = ((nib[:, ::2] << 4) | nib[:, 1::2]).to(torch.uint8)
-            self.w = torch._convert_weight_to_int4pack(packed, 8)
-            s = torch.from_numpy(parts["scales"]).to(DEV).to(torch.bfloat16).t().contiguous()
-            self.sz = torch.stack([s, torch.zeros_like(s)], 2)  # w = (q - 8) * s + 0
-            self.n = w.shape[0]
+            self.w, self.sz = tinygemm_weight(lin.weight, group, DEV)
+            self.n = lin.weight.shape[0]
 
         def forward(self, x):
             shape = x.shape

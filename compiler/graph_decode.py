@@ -47,18 +47,20 @@ class PaddedDecode:
         self.ids = torch.zeros((batch, 1), dtype=getattr(torch, gen.ids["dtype"]), device=dev)
         self.mask = torch.zeros((batch, self.P + 1), dtype=getattr(torch, gen.mask["dtype"]), device=dev)
         self.pos = torch.zeros((batch, 1), dtype=getattr(torch, gen.positions["dtype"]), device=dev)
-        shapes = [tuple(batch if a == 0 else self.P if a == gen.axis else d for a, d in enumerate(p["shape"]))
-                  for p in gen.past]
-        dtypes = [getattr(torch, p["dtype"]) for p in gen.past]
-        # one tensor holding every layer's cache when their shapes and dtypes agree (they do in every
-        # exported decoder we know): a step then writes all its new slots with one stack and one
-        # index_copy_ (2 kernels) instead of one index_copy_ per tensor (64 for Llama-2-7B)
-        self.cache = None
-        if len(set(shapes)) == 1 and len(set(dtypes)) == 1:
-            self.cache = torch.zeros((len(shapes), *shapes[0]), dtype=dtypes[0], device=dev)
-            self.past = list(self.cache.unbind(0))  # contiguous views, the model's inputs
-        else:
-            self.past = [torch.zeros(sh, dtype=dt, device=dev) for sh, dt in zip(shapes, dtypes)]
+        # the caches of one shape and dtype (in the decoders we know: all of them) are views of one
+        # tensor, so a step writes their new slots with one stack and one index_copy_ (2 kernels), not
+        # one index_copy_ per cache (64 for Llama-2-7B)
+        groups: dict = {}
+        for i, p in enumerate(gen.past):
+            shape = tuple(batch if a == 0 else self.P if a == gen.axis else d for a, d in enumerate(p["shape"]))
+            groups.setdefault((shape, p["dtype"]), []).append(i)
+        self.past = [None] * len(gen.past)
+        self.caches = []  # (tensor [len(members), *shape], member indices into past)
+        for (shape, dtype), members in groups.items():
+            cache = torch.zeros((len(members), *shape), dtype=getattr(torch, dtype), device=dev)
+            for i, view in zip(members, cache.unbind(0)):  # contiguous views: the model's inputs
+                self.past[i] = view
+            self.caches.append((cache, members))
         # the slot index_copy_ writes: n, as position_ids holds (int64 rows are all n: reuse its first)
         self.slot = (self.pos[0] if self.pos.dtype == torch.int64 else
                      torch.zeros((1,), dtype=torch.int64, device=dev))
@@ -69,7 +71,7 @@ class PaddedDecode:
         self.n = 0
 
     def start(self, present: list, n: int) -> None:
-        """Take the prefill's caches (length n) as the newest n slots of the padded cache."""
+        """Take the prefill's caches (length n) as slots 0..n-1 of the padded cache."""
         import torch
 
         if n >= self.P:
@@ -90,11 +92,8 @@ class PaddedDecode:
         args = [tvm.runtime.from_dlpack(self.feed[i["name"]]) for i in self.model.inputs]
         out = self.model._main(*args, *self.model.params)
         new = [torch.from_dlpack(out[i]).narrow(self.gen.axis, self.P, 1) for i in self.gen.present_index]
-        if self.cache is not None:
-            self.cache.index_copy_(self.gen.axis + 1, self.slot, torch.stack(new))
-        else:
-            for t, p in zip(self.past, new):
-                t.index_copy_(self.gen.axis, self.slot, p)
+        for cache, members in self.caches:
+            cache.index_copy_(self.gen.axis + 1, self.slot, torch.stack([new[i] for i in members]))
         return out, torch.from_dlpack(out[self.gen.logits_index])
 
     def _capture(self):

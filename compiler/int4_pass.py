@@ -11,8 +11,9 @@ Rewrite (in every dataflow block of "main"):
     z  = reshape(z, [..., N])
 
 For activations that are not fp16 the call is wrapped as astype(call(astype(x2, fp16)), x.dtype), the
-bias an fp16 copy (KERNEL_DTYPE below). W is quantized with compiler.quantize (host side, numpy) and replaced by new function parameters
-"<W>_qweight", "<W>_scales" (and "<W>_zeros"); the values go into the returned params dict. A weight
+bias an fp16 copy (KERNEL_DTYPE below). W is quantized with compiler.quantize (host side, numpy) and
+replaced by new function parameters "<W>_qweight", "<W>_scales" (and "<W>_zeros"); the values go into
+the returned params dict. A weight
 still used elsewhere (tied embeddings) keeps its original parameter too. Activation x activation
 matmuls, 3-D weights and weights not known at compile time are left alone.
 Eligible layers can be skipped by name pattern (fnmatch on the weight's name) or minimum size.
@@ -29,6 +30,7 @@ from tvm.relax.expr_functor import PyExprMutator, mutator
 
 from .int4_kernel import int4_matmul_func, kernel_name
 from .quantize import QuantConfig, quantize, quantized_bytes
+from .relax_util import emit_like
 
 _FLOATS = ("float16", "float32", "bfloat16")
 # The dtype of every int4 kernel's activations, bias and output. The kernel computes in it anyway (x
@@ -99,7 +101,6 @@ class _Int4Rewriter(PyExprMutator):
         self.uses: dict[relax.Var, int] = {}
         self.fold_bias: dict[relax.Var, relax.Expr] = {}  # add's var -> bias, for matmuls folded into it
         self.folded: set = set()  # matmul vars emitted inside the add that follows them
-        self.in_dataflow = False
 
     # -- analysis ------------------------------------------------------------------------------
     def _weight_of(self, expr):
@@ -188,11 +189,7 @@ class _Int4Rewriter(PyExprMutator):
     # -- rewrite -------------------------------------------------------------------------------
     def visit_dataflow_block_(self, block):
         self._scan(block)
-        self.in_dataflow = True
-        try:
-            return super().visit_dataflow_block_(block)
-        finally:
-            self.in_dataflow = False
+        return super().visit_dataflow_block_(block)
 
     def visit_var_binding_(self, binding):
         var, value = binding.var, binding.value
@@ -205,10 +202,7 @@ class _Int4Rewriter(PyExprMutator):
             new = self._rewrite(value, None)
         else:
             return super().visit_var_binding_(binding)
-        if self.in_dataflow and not isinstance(var, relax.DataflowVar):  # the block's output: stays one
-            self.set_var_remap(var, self.builder_.emit_output(new, name_hint=var.name))
-        else:
-            self.set_var_remap(var, self.builder_.emit(new, name_hint=var.name))
+        self.set_var_remap(var, emit_like(self.builder_, var, new))
 
     def _rewrite(self, call, bias):
         name, array, transposed, _ = self._linear(call)

@@ -34,6 +34,7 @@ from tvm_ffi import structural_equal
 
 from .int4_kernel import ATTR, int4_matmul_func, kernel_name
 from .quantize import QuantConfig
+from .relax_util import emit_like
 
 _PARTS = ("qweight", "scales", "zeros", "bias")
 
@@ -185,9 +186,7 @@ class _Merger(PyExprMutator):
         bounds = [0] + offsets + [sum(m.n for m in members)]
         for i, m in enumerate(members):
             item = relax.op.strided_slice(y, axes=[1], begin=[bounds[i]], end=[bounds[i + 1]])
-            out = (self.builder_.emit(item, name_hint=m.var.name) if isinstance(m.var, relax.DataflowVar)
-                   else self.builder_.emit_output(item, name_hint=m.var.name))
-            self.set_var_remap(m.var, out)
+            self.set_var_remap(m.var, emit_like(self.builder_, m.var, item))
 
     def _merged_call(self, members):
         first = members[0]

@@ -18,6 +18,15 @@ def scalar(expr) -> float | None:
     return None
 
 
+def emit_like(builder, var, value):
+    """Bind value to a new var named like `var`. Where `var` was a dataflow block's output (a plain Var
+    in a dataflow block), the new one is emitted as an output too: emitted as a local DataflowVar it
+    would be undefined outside the block, and the VM fails ("Var gv is not defined")."""
+    if builder.current_block_is_dataflow() and not isinstance(var, relax.DataflowVar):
+        return builder.emit_output(value, name_hint=var.name)
+    return builder.emit(value, name_hint=var.name)
+
+
 def rewrite_main(mod: tvm.IRModule, rewriter, func_name: str = "main") -> tvm.IRModule:
     """mod with mod[func_name]'s body visited by `rewriter` (a PyExprMutator over mod whose builder holds
     any functions it added, counting its rewrites in `.count`); dead code dropped if it rewrote any."""
@@ -37,7 +46,6 @@ class BindingRewriter(PyExprMutator):
         super().__init__(mod)
         self.bindings: dict = {}
         self.count = 0  # bindings rewritten
-        self.in_dataflow = False
 
     def bound(self, expr, name: str):
         """expr's value (looking through one var) if it is a call of op `name`, else None."""
@@ -50,21 +58,11 @@ class BindingRewriter(PyExprMutator):
     def visit_dataflow_block_(self, block):
         for b in block.bindings:
             self.bindings[b.var] = b.value
-        self.in_dataflow = True
-        try:
-            return super().visit_dataflow_block_(block)
-        finally:
-            self.in_dataflow = False
+        return super().visit_dataflow_block_(block)
 
     def visit_var_binding_(self, binding):
         new = self.rewrite(binding.value)
         if new is None:
             return super().visit_var_binding_(binding)
         self.count += 1
-        var = binding.var
-        # a dataflow block's output var (not a DataflowVar) must be emitted as an output again, or it
-        # is local to the block and the function's result is undefined to the VM
-        out = (self.builder_.emit_output(new, name_hint=var.name)
-               if self.in_dataflow and not isinstance(var, relax.DataflowVar)
-               else self.builder_.emit(new, name_hint=var.name))
-        self.set_var_remap(var, out)
+        self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, new))

@@ -103,18 +103,25 @@ def _compile_linear(k: int, n: int, out: Path, arch, log):
     return nibble.load(art, device="cuda"), lin.weight.detach()
 
 
-def _tinygemm(w16, group: int):
-    """torch's int4 weight for w16 [N, K] with nibble's integers and scales, or None where unsupported."""
+def tinygemm_weight(w, group: int = GROUP, device: str = "cuda"):
+    """torch's int4 weight (torch._weight_int4pack_mm's packed ints, bf16 scales-and-zeros) for w [N, K]
+    with the integers and scales nibble's quantizer gives it: the same int4 weights in torch's kernel.
+    Raises where this torch has no such kernel."""
     import torch
 
     from compiler.quantize import QuantConfig, quantize, unpack_int4
 
+    parts = quantize(w.detach().float().cpu().numpy(), QuantConfig(group_size=group))
+    nib = torch.from_numpy(unpack_int4(parts["qweight"], w.shape[1]).astype("int32")).to(device)
+    packed = torch._convert_weight_to_int4pack(((nib[:, ::2] << 4) | nib[:, 1::2]).to(torch.uint8), 8)
+    s = torch.from_numpy(parts["scales"]).to(device).to(torch.bfloat16).t().contiguous()
+    return packed, torch.stack([s, torch.zeros_like(s)], 2)  # w = (q - 8) * s + 0
+
+
+def _tinygemm(w16, group: int):
+    """tinygemm_weight, or None where this torch or GPU lacks the kernel (the column then reads n/a)."""
     try:
-        parts = quantize(w16.float().cpu().numpy(), QuantConfig(group_size=group))
-        nib = torch.from_numpy(unpack_int4(parts["qweight"], w16.shape[1]).astype("int32")).cuda()
-        packed = torch._convert_weight_to_int4pack(((nib[:, ::2] << 4) | nib[:, 1::2]).to(torch.uint8), 8)
-        s = torch.from_numpy(parts["scales"]).cuda().to(torch.bfloat16).t().contiguous()
-        return packed, torch.stack([s, torch.zeros_like(s)], 2)  # w = (q - 8) * s + 0
+        return tinygemm_weight(w16, group)
     except (RuntimeError, AttributeError):
         return None
 

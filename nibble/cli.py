@@ -291,7 +291,7 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("bench", help="time the int4 linear kernels on this GPU against cuBLAS fp16 and torch int4",
                        description="For each K->N linear, compile an fp16 nn.Linear with int4 weights as "
                        "compile does, then time it at each token count M beside cuBLAS fp16, torch's int4 "
-                       "kernel and a copy of the same weight bytes (CUDA graphs, weights from HBM). Prints "
+                       "kernel and a copy moving the same bytes (CUDA graphs, weights from HBM). Prints "
                        "us, GB/s, TFLOP/s and ratios; writes bench.json, bench.md and roofline.png.")
     b.add_argument("--shapes", help="K->N linears as KxN,KxN,... (default: Llama-2-7B's "
                    "4096x12288,4096x4096,4096x22016,11008x4096)")

@@ -114,11 +114,11 @@ class Injective(GPUScheduleRule):
             return None  # static shapes: Fallback's divisions are by constants, NarrowDataType -> int32
         k = symbolic[-1]
         outer = loops[:k]
-        static_outer = 1
-        for e in extents[1:k]:
-            static_outer *= _static(e) if _static(e) is not None else 0
         if k > 0 and any(_static(e) is None for e in extents[1:k]):
             return None  # a symbolic extent inside the outer fusion would need a symbolic division
+        static_outer = 1
+        for e in extents[1:k]:
+            static_outer *= _static(e)
         if k > 0 and _static(extents[0]) is not None and _static(extents[0]) * static_outer > MAX_GRID_Y:
             return None
 
