@@ -254,25 +254,15 @@ def kernel_breakdown(m, ids_len: int, steps: int = 3, prefill: bool = False):
     return rows
 
 
-def phase_nibble(args, res):
-    import numpy as np
-
+def _nibble_run(args, onnx_path: Path, art: Path, res: dict, key: str, prefill_breakdown: bool = True):
+    """Compile onnx_path to art, generate (with and without CUDA graphs), profile: res[key], res[key_*]."""
     import nibble
 
-    onnx_path = Path(args.work, "model.onnx")
-    if not onnx_path.exists():
-        log("no export from the torch phase here: exporting")
-        from nibble.hf import export_causal_lm_with_past
-
-        model = build_model(args.layers, args.tiny)
-        export_causal_lm_with_past(model, onnx_path)
-        del model
-    art = Path(args.work, "model.nibble")
     t0 = time.time()
     target = {"kind": "cuda", "arch": "sm_90"} if DEV == "cuda" else "llvm"
     nibble.compile_model(str(onnx_path), target=target, output=str(art), max_length=4096,
                          log=lambda *a: log(*a))
-    res["nibble_compile_s"] = time.time() - t0
+    res[f"{key}_compile_s"] = time.time() - t0
     m = nibble.load(art, device=DEV)
     vocab = (TINY if args.tiny else LLAMA2_7B)["vocab_size"]
     ids = prompt_ids(vocab)
@@ -282,29 +272,54 @@ def phase_nibble(args, res):
     graphs = bool(m._generator._decoders)  # the fixed-shape, CUDA-graph decode (compiler/graph_decode.py)
     m._generator.graphs = False  # the same model with the growing cache, every kernel launched by the VM
     plain = [m.generate(ids, max_new_tokens=NEW) for _ in range(args.repeat + 1)][1:]
-    res["nibble_no_graph"] = {"prefill_ms": statistics.median(r.prefill_ms for r in plain),
+    res[f"{key}_no_graph"] = {"prefill_ms": statistics.median(r.prefill_ms for r in plain),
                               "decode_ms": statistics.median(r.decode_ms_per_token for r in plain),
                               "tokens": plain[-1].tokens.tolist()}
-    log(f"nibble int4 without CUDA graphs: decode {res['nibble_no_graph']['decode_ms']:.2f} ms/token")
+    log(f"{key}: int4 without CUDA graphs: decode {res[f'{key}_no_graph']['decode_ms']:.2f} ms/token")
     wbytes = sum(os.path.getsize(art / f) for f in ("weights.safetensors",))  # int4 + scales + fp16 rest
     cfg = TINY if args.tiny else LLAMA2_7B
     emb = cfg["vocab_size"] * cfg["hidden_size"] * 2  # the embedding table: one row read per token
-    res["nibble"] = {"prefill_ms": pre, "decode_ms": dec, "tokens": runs[-1].tokens.tolist(),
-                     "weight_bytes_read_per_token": wbytes - emb, "cuda_graphs": graphs,
-                     "tokens_equal_without_graphs": runs[-1].tokens.tolist() == plain[-1].tokens.tolist()}
-    log(f"nibble int4: prefill {pre:.1f} ms, decode {dec:.2f} ms/token ({1e3 / dec:.0f} tokens/s, "
+    res[key] = {"prefill_ms": pre, "decode_ms": dec, "tokens": runs[-1].tokens.tolist(),
+                "weight_bytes_read_per_token": wbytes - emb, "cuda_graphs": graphs,
+                "tokens_equal_without_graphs": runs[-1].tokens.tolist() == plain[-1].tokens.tolist()}
+    log(f"{key}: int4: prefill {pre:.1f} ms, decode {dec:.2f} ms/token ({1e3 / dec:.0f} tokens/s, "
         f"{(wbytes - emb) / (dec * 1e-3) / 1e9:.0f} GB/s of weights)")
-    for key, what, prefill in (("nibble_decode_kernels", "one decode step", False),
-                                ("nibble_prefill_kernels", f"prefill of {PROMPT} tokens", True)):
+    for part, what, prefill in ((f"{key}_decode_kernels", "one decode step", False),
+                                 (f"{key}_prefill_kernels", f"prefill of {PROMPT} tokens", True)):
+        if prefill and not prefill_breakdown:
+            continue
         try:
             rows = kernel_breakdown(m, PROMPT, prefill=prefill)
-            res[key] = rows
+            res[part] = rows
             total = sum(r[2] for r in rows)
             log(f"{what}: {sum(r[1] for r in rows)} kernels, {total / 1e3:.2f} ms of GPU time")
             for name, count, us in rows[:15]:
                 log(f"  {us:9.1f} us  x{count:4d}  {name[:90]}")
         except Exception as e:  # noqa: BLE001  (the breakdown is a diagnostic, not the benchmark)
             log(f"kernel breakdown failed: {e!r}"[:300])
+
+
+def phase_nibble(args, res):
+    import numpy as np
+
+    onnx_path = Path(args.work, "model.onnx")
+    if not onnx_path.exists():
+        log("no export from the torch phase here: exporting")
+        from nibble.hf import export_causal_lm_with_past
+
+        model = build_model(args.layers, args.tiny)
+        export_causal_lm_with_past(model, onnx_path)
+        del model
+    _nibble_run(args, onnx_path, Path(args.work, "model.nibble"), res, "nibble")
+    if args.compare_fallback:  # the same model with the CUDA-core GEMV routes, in the same run
+        import compiler.dispatch as dispatch
+
+        routes, dispatch.ROUTES = dispatch.ROUTES, dispatch.FALLBACK_ROUTES  # routes_for reads ROUTES
+        try:
+            _nibble_run(args, onnx_path, Path(args.work, "model_fallback.nibble"), res, "nibble_fallback_routes",
+                        prefill_breakdown=False)
+        finally:
+            dispatch.ROUTES = routes
     if "hf_eager" in res:
         a, b = np.array(res["hf_eager"]["tokens"]), np.array(res["nibble"]["tokens"])
         res["nibble"]["tokens_equal_hf_fp16_prefix"] = int(np.argmin(np.append(a[0] == b[0], False)))
@@ -321,7 +336,8 @@ def write(res, out: Path):
     for key, label in [("hf_eager", "HF fp16 eager"), ("hf_compile", "HF fp16 static cache + torch.compile"),
                        ("torch_int4", "torch int4 swap + torch.compile"),
                        ("nibble_no_graph", "nibble int4, growing cache, no CUDA graph"),
-                       ("nibble", "nibble int4" + (", padded cache in a CUDA graph" if res.get("nibble", {}).get("cuda_graphs") else ""))]:
+                       ("nibble", "nibble int4" + (", padded cache in a CUDA graph" if res.get("nibble", {}).get("cuda_graphs") else "")),
+                       ("nibble_fallback_routes", "nibble int4, same, CUDA-core GEMV routes (dispatch.FALLBACK_ROUTES)")]:
         if key in res:
             r = res[key]
             lines.append(f"| {label} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | {1e3 / r['decode_ms']:.0f} |")
@@ -330,6 +346,7 @@ def write(res, out: Path):
                       f"{floor_int4 / bw / 1e6:.3f} ms" + (f", fp16 {res['fp16_weight_bytes_read_per_token'] / bw / 1e6:.3f} ms"
                                                        if "fp16_weight_bytes_read_per_token" in res else "")]
     for key, what in (("nibble_decode_kernels", "One nibble decode step"),
+                      ("nibble_fallback_routes_decode_kernels", "One nibble decode step, CUDA-core GEMV routes"),
                       ("nibble_prefill_kernels", f"nibble's prefill ({PROMPT} tokens, VM path)")):
         if res.get(key):
             rows = res[key]
@@ -348,6 +365,8 @@ def main():
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--skip-compile", action="store_true", help="no torch.compile baselines")
     ap.add_argument("--no-export", action="store_true", help="torch phase: leave the ONNX export to the nibble phase")
+    ap.add_argument("--compare-fallback", action="store_true",
+                    help="nibble phase: also build and time the model with dispatch.FALLBACK_ROUTES (CUDA-core GEMV)")
     ap.add_argument("--tiny", action="store_true", help="a small Llama config, on the CPU without a GPU")
     ap.add_argument("--work", default=str(ROOT / ".bench" / "llama7b-pos"), help="export + artifact folder")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

@@ -49,6 +49,10 @@ ROTATE_BYTES = 3 * L2_BYTES  # weight copies in rotation exceed this, so each la
 # GEMV config variants timed beside the default (name -> Config overrides), at the M's of VARIANT_MS
 VARIANTS = {"ts2": dict(rows_per_thread=2), "ts8": dict(rows_per_thread=8)}
 VARIANT_MS = (1, 4)
+# Tensor-core GEMV (schedules/gemv_mma.py) config variants timed with --candidates beside each "mma"
+# copy at every M it serves (name suffix -> Config overrides)
+MMA_VARIANTS = {f"w{w}u{u}": dict(warps=w, chunks=u) for w in (4, 8, 16) for u in (1, 2, 4)}
+MMA_VARIANTS["w8u2r2"] = dict(warps=8, chunks=2, row_tiles=2)
 LAUNCHES = 24  # launches captured per CUDA graph (at least one pass over the copies)
 ERR_MAX = 2e-3  # issue 3's bound on the relative error at K = 4096
 CHECK = (4096, 4096)  # (K, N) of the zero points + bias check with --candidates
@@ -113,6 +117,11 @@ def kernel_funcs(job: Job, target) -> dict:
                 name = f"{copy}_s{s}"
                 funcs[name] = copies[copy].with_attr({"global_symbol": name,
                                                       CONFIG_ATTR: dataclasses.asdict(tuned)})
+    if job.candidates and not job.numerics_only and not job.only_splits:
+        for copy in [c for c in copies if _bound(c)[1] == "mma"]:
+            for vname, over in MMA_VARIANTS.items():
+                name = f"{copy}_{vname}"
+                funcs[name] = copies[copy].with_attr({"global_symbol": name, CONFIG_ATTR: over})
     if not job.candidates and not job.only_splits:
         from schedules.gemv import GEMV, config_for
 
@@ -133,8 +142,9 @@ def kernel_funcs(job: Job, target) -> dict:
 
 
 def _bound(copy: str):
-    kind, rows = copy[:4], copy[4:]
-    return (int(rows) if rows else None), kind
+    from compiler.dispatch import parse_copy
+
+    return parse_copy(copy)
 
 
 def build(job: Job, out_dir: str) -> tuple[str, list[str], dict]:
@@ -450,6 +460,12 @@ def measure_shape(job: Job, kernels: dict, labels: dict, meta: dict) -> list[dic
                     row["splits"][name] = {"us": t * 1e6, "err": err, "config": labels.get(name, "")}
             if copy in row["cand"]:
                 row["splits"][copy] = dict(row["cand"][copy])  # the auto split, for comparison
+            row["variants"] = {}  # tensor-core GEMV config variants of the mma copies serving m
+            for c in row["cand"]:
+                for name in sorted(kernels):
+                    if _bound(c)[1] == "mma" and name.startswith(c + "_"):
+                        err, t = run(kernels[name])
+                        row["variants"][name] = {"us": t * 1e6, "err": err, "config": name[len(c) + 1:]}
         row["bytes"] = mbytes
         row["GBps_nibble"] = mbytes / row["t_nibble"] / 1e9
         row["TFLOPs_nibble"] = 2 * m * n * k / row["t_nibble"] / 1e12
@@ -515,6 +531,15 @@ def write(out, meta, rows, checks=(), stem="bench_linear"):
                     by_split[s] = f"{v['us']:.1f}" + ("*" if name == copy else "")
                 md.append(f"| {r['K']}->{r['N']} | {r['M']} | {copy} ({r['cand'].get(copy, {}).get('config', '')}) | "
                           + " | ".join(by_split.get(s, "") for s in SPLITS) + " |")
+    var_rows = [r for r in rows if r.get("variants")]
+    if var_rows:
+        names = sorted({n for r in var_rows for n in r["variants"]}, key=lambda n: (_order(n.split("_")[0]), n))
+        md += ["", "## Tensor-core GEMV config variants (us; schedules/gemv_mma.py, bench_linear.MMA_VARIANTS)", "",
+               "| K->N | M | " + " | ".join(["mma8", "mma16"] + names) + " |", "|" + "---|" * (len(names) + 4)]
+        for r in var_rows:
+            cells = [f"{r['cand'][c]['us']:.1f}" if c in r["cand"] else "" for c in ("mma8", "mma16")]
+            cells += [f"{r['variants'][n]['us']:.1f}" if n in r["variants"] else "" for n in names]
+            md.append(f"| {r['K']}->{r['N']} | {r['M']} | " + " | ".join(cells) + " |")
     errs = [err for r in rows for _, err in _nibble_errs(r)]
     if errs:
         worst = max(errs, key=lambda e: math.inf if math.isnan(e) else e)
@@ -535,7 +560,7 @@ def write(out, meta, rows, checks=(), stem="bench_linear"):
 def _nibble_errs(r) -> list:
     """(kernel, rel. error) of every nibble kernel run for a row (not cuBLAS, tinygemm or dlight)."""
     out = [(r["kernel"], r["err_nibble"])] + [(v, r[f"err_{v}"]) for v in VARIANTS if f"err_{v}" in r]
-    return out + [(c, v["err"]) for key in ("cand", "splits") for c, v in r.get(key, {}).items()]
+    return out + [(c, v["err"]) for key in ("cand", "splits", "variants") for c, v in r.get(key, {}).items()]
 
 
 def _order(name):
@@ -553,7 +578,7 @@ def _line(r):
          f"dlight {us('t_dlight')} cublas {us('t_cublas')} tinygemm {us('t_tinygemm')} | err nibble "
          f"{r['err_nibble']:.1e} cublas {r['err_cublas']:.1e} tiny {_fmt(r.get('err_tinygemm'), '{:.1e}')}"
          + "".join(f" | {v} {us('t_' + v)} ({r['err_' + v]:.0e})" for v in VARIANTS if "t_" + v in r))
-    for key in ("cand", "splits"):
+    for key in ("cand", "splits", "variants"):
         if r.get(key):
             s += f"\n    {key}: " + "  ".join(f"{c} {v['us']:.1f} ({v['err']:.0e})" for c, v in r[key].items())
     return s

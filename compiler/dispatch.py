@@ -3,16 +3,17 @@
 The int4 pass emits one PrimFunc per linear shape with a single symbolic token dim m, but no one
 schedule is good for both decode (m = 1..16: memory-bound) and prefill (m in the hundreds: tensor-core
 GEMM), and even the GEMM wants other tiles and K splits at 16 tokens than at 2048. This pass, run by
-build.py for CUDA after the int4 pass, gives each int4 PrimFunc one copy per entry of ROUTES,
-    <name>_gemv1, _gemv2, _gemv4     tagged "nibble.kernel"="gemv", "nibble.rows"=B  (schedules/gemv.py)
-    <name>_gemm16, _gemm32, ...      tagged "nibble.kernel"="gemm", "nibble.rows"=R  (schedules/gemm.py)
+build.py for CUDA after the int4 pass, gives each int4 PrimFunc one copy per entry of ROUTES
+(FALLBACK_ROUTES where the tensor-core GEMV does not take its shape),
+    <name>_mma8, _mma16              tagged "nibble.kernel"="mma", "nibble.rows"=B   (schedules/gemv_mma.py)
+    <name>_gemm32, _gemm64, ...      tagged "nibble.kernel"="gemm", "nibble.rows"=R  (schedules/gemm.py)
     <name>_gemm                      tagged "nibble.kernel"="gemm" (no bound: every larger m)
 and replaces every `call_tir(<name>, args)` with a call to a private Relax function
 
     @R.function(private=True)
     def <name>_dispatch(x: R.Tensor((m, K)), qweight, scales, ...):
-        if m <= 1:   y = call_tir(<name>_gemv1, ...)
-        elif m <= 2: y = call_tir(<name>_gemv2, ...)
+        if m <= 8:   y = call_tir(<name>_mma8, ...)
+        elif m <= 16: y = call_tir(<name>_mma16, ...)
         ...
         elif m <= 256: y = call_tir(<name>_gemm256, ...)
         else:        y = call_tir(<name>_gemm, ...)
@@ -37,22 +38,31 @@ KERNEL_ATTR = "nibble.kernel"  # = schedules.template.KERNEL_ATTR
 ROWS_ATTR = "nibble.rows"  # = schedules.gemv.ROWS_ATTR / schedules.gemm.ROWS_ATTR
 
 # The decision rule, as data: (bound R, kernel kind) by increasing R; m runs the first copy with m <= R,
-# anything past the last bound the unbounded "gemm" copy. A GEMV bucket is a power of two so a copy
-# never does more than 2x the token work; GEMM buckets are where the tile or the split changes.
-#  * m <= 4: the CUDA-core GEMV (H200, benchmarks/results/h200_bench_linear.md: 1.25-2.5x faster than
-#    cuBLAS fp16 there; past 4 tokens it is bound by L1 traffic for x and fp32 FMAs).
-#  * m = 5..16: the split-K GEMM with 16-row tiles. Measured on the H200 against every other copy that
-#    could serve these m, the GEMV's 8/16 buckets included (bench_linear.py --candidates,
-#    h200_bench_linear_candidates.md "Best copy per M"): gemm16 was fastest at m = 8 and 16 on the sum
-#    over the Llama shapes, at 1.11-1.25x cuBLAS fp16.
+# anything past the last bound the unbounded "gemm" copy. Measured on the H200 against every other copy
+# that could serve these m, summed over the four Llama-2-7B shapes (bench_linear.py --candidates,
+# h200_bench_linear_mma_candidates.md), with the per-N defaults schedules/gemv_mma.py took from that sweep:
+#  * m <= 8 / 16: the tensor-core GEMV with one / two 8-token tiles: m = 1 44.1 us vs 48.0 for the
+#    CUDA-core GEMV, m = 2 45.3 vs 60.3 (gemv2), m = 4 47.0 vs 87.3 (gemv4), m = 8 53.2 vs 96.9 (gemm16),
+#    m = 16 82.0 vs 98.9 (gemm16).
 #  * m <= 32 / 64 / 256: GEMM buckets whose tile (32-, 64-row) and auto split fill the SMs (see
 #    schedules/gemm.py); past 256 the 128x128 tile without split.
-ROUTES = ((1, "gemv"), (2, "gemv"), (4, "gemv"), (16, "gemm"), (32, "gemm"), (64, "gemm"), (256, "gemm"))
-BUCKETS = tuple(r for r, kind in ROUTES if kind == "gemv")  # the GEMV buckets (kept for callers)
+ROUTES = ((8, "mma"), (16, "mma"), (32, "gemm"), (64, "gemm"), (256, "gemm"))
+# Where the tensor-core GEMV does not take a spec (pre-sm_80, groups not a multiple of 128, K % 128):
+#  * m <= 4: the CUDA-core GEMV (1.25-2.5x faster than cuBLAS fp16 there; past 4 tokens it is bound by
+#    L1 traffic for x and fp32 FMAs); m = 5..16 the split-K GEMM with 16-row tiles.
+FALLBACK_ROUTES = ((1, "gemv"), (2, "gemv"), (4, "gemv"), (16, "gemm"), (32, "gemm"), (64, "gemm"),
+                   (256, "gemm"))
+BUCKETS = tuple(r for r, kind in FALLBACK_ROUTES if kind == "gemv")  # the CUDA-core GEMV buckets
 # Copies the benchmark times beside the routed one (bench_linear.py --candidates): every bucket that
 # could serve an m, so one GPU run can move the bounds above.
-CANDIDATES = ((1, "gemv"), (2, "gemv"), (4, "gemv"), (8, "gemv"), (16, "gemv"),
+CANDIDATES = ((1, "gemv"), (2, "gemv"), (4, "gemv"), (8, "gemv"), (16, "gemv"), (8, "mma"), (16, "mma"),
               (16, "gemm"), (32, "gemm"), (64, "gemm"), (256, "gemm"), (None, "gemm"))
+
+
+def parse_copy(copy: str) -> tuple:
+    """(bound or None, kind) of a copy suffix: "gemv4" -> (4, "gemv"), "gemm" -> (None, "gemm")."""
+    kind, rows = re.fullmatch(r"([a-z]+?)(\d*)", copy).groups()
+    return (int(rows) if rows else None), kind
 
 
 def copy_name(rows: int | None, kind: str) -> str:
@@ -65,6 +75,13 @@ def kernel_for(m: int, routes=ROUTES) -> str:
     return next((copy_name(r, kind) for r, kind in routes if m <= r), "gemm")
 
 
+def routes_for(spec: dict, arch: str | None) -> tuple:
+    """ROUTES where the tensor-core GEMV takes the int4 spec on arch ("sm_90"), else FALLBACK_ROUTES."""
+    from schedules.gemv_mma import takes
+
+    return ROUTES if takes(spec, arch) else FALLBACK_ROUTES
+
+
 def candidates_for(m: int, candidates=CANDIDATES) -> list[str]:
     """Every copy in `candidates` that serves m tokens (bound >= m)."""
     return [copy_name(r, kind) for r, kind in candidates if r is None or m <= r]
@@ -72,7 +89,7 @@ def candidates_for(m: int, candidates=CANDIDATES) -> list[str]:
 
 def base_name(name: str) -> str:
     """The int4 PrimFunc a copy was made from: strips "_gemv4", "_gemm16", "_gemm"."""
-    return re.sub(r"_(gemv|gemm)\d*$", "", name)
+    return re.sub(r"_(gemv|gemm|mma)\d*$", "", name)
 
 
 def bucket_copy(func: tirx.PrimFunc, name: str, rows: int | None, kind: str) -> tirx.PrimFunc:
@@ -111,8 +128,9 @@ def _gemm_takes(func: tirx.PrimFunc, rows: int, arch: str | None) -> bool:
     return takes(func.attrs[ATTR], rows, arch)
 
 
-def dispatch_small_m(mod: tvm.IRModule, routes=ROUTES, arch: str | None = None) -> tvm.IRModule:
-    """Split every int4 PrimFunc into bucket copies (ROUTES) + an unbounded GEMM copy behind an m dispatch.
+def dispatch_small_m(mod: tvm.IRModule, routes=None, arch: str | None = None) -> tvm.IRModule:
+    """Split every int4 PrimFunc into bucket copies (`routes`, default `routes_for` the function's spec
+    on `arch`) + an unbounded GEMM copy behind an m dispatch.
 
     Bounded "gemm" copies are made only where our GEMM template takes the shape on `arch` (e.g.
     "sm_90"): elsewhere dlight's Matmul schedules every "gemm" copy the same way, so one copy serves
@@ -137,7 +155,7 @@ def dispatch_small_m(mod: tvm.IRModule, routes=ROUTES, arch: str | None = None) 
     for gv, func in int4:
         name = gv.name_hint
         kernels = []
-        for rows, kind in routes:
+        for rows, kind in routes or routes_for(func.attrs[ATTR], arch):
             if kind == "gemm" and not _gemm_takes(func, rows, arch):
                 continue
             copy = f"{name}_{copy_name(rows, kind)}"

@@ -130,7 +130,7 @@ def bench_shape(k: int, n: int, ms, out: Path, arch, log) -> list[dict]:
     import torch
     import tvm
 
-    from compiler.dispatch import kernel_for
+    from compiler.dispatch import kernel_for, routes_for
     from compiler.quantize import QuantConfig, dequantize, quantize
     from compiler.timing import graph_time
 
@@ -143,6 +143,7 @@ def bench_shape(k: int, n: int, ms, out: Path, arch, log) -> list[dict]:
     w16c = [w16.cuda().contiguous() for _ in range(_copies(2 * n * k))]
     tiny = _tinygemm(w16, GROUP)
     tinys = [tiny] + [tuple(t.clone() for t in tiny) for _ in range(_copies(wbytes) - 1)] if tiny else []
+    routes = routes_for({"n": n, "k": k, "group_size": GROUP, "x_dtype": "float16"}, arch)
     rows = []
     for m in ms:
         x = torch.randn(m, k, dtype=torch.float16, device="cuda")
@@ -163,7 +164,7 @@ def bench_shape(k: int, n: int, ms, out: Path, arch, log) -> list[dict]:
         copy_s = graph_time([lambda a=a, b=b: b.copy_(a) for a, b in zip(src, dst)])
         del src, dst
         flop = 2 * m * n * k
-        row = {"k": k, "n": n, "m": m, "kernel": kernel_for(m), "nibble_us": t_nib * 1e6,
+        row = {"k": k, "n": n, "m": m, "kernel": kernel_for(m, routes), "nibble_us": t_nib * 1e6,
                "nibble_GBps": moved / t_nib / 1e9, "nibble_TFLOPs": flop / t_nib / 1e12,
                "intensity_int4": flop / moved, "intensity_fp16": flop / (2 * n * k + 2 * m * (k + n)),
                "copy_us": copy_s * 1e6, "x_copy": t_nib / copy_s,

@@ -10,10 +10,12 @@ def gpu_rules(target) -> list:
 
     from .gemm import GEMM
     from .gemv import GEMV
+    from .gemv_mma import GEMVMMA
     from .injective import Injective
 
     return [
-        GEMV(),  # small-m copies made by compiler/dispatch.py; None for anything else
+        GEMVMMA(),  # small-m ("mma") copies made by compiler/dispatch.py: tensor-core decode GEMV
+        GEMV(),  # small-m ("gemv") copies: CUDA-core GEMV; None for anything else
         GEMM(),  # the big-m ("gemm") copy: tensor-core int4 GEMM; None if the shape does not tile
         dl.gpu.Matmul(),
         dl.gpu.GEMV(),

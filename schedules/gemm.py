@@ -54,7 +54,7 @@ from __future__ import annotations
 import dataclasses
 from string import Template
 
-from .template import ATTR, KERNEL_ATTR, TemplateRule
+from .template import ATTR, KERNEL_ATTR, TemplateRule, indent
 CONFIG_ATTR = "nibble.config"  # = compiler.tuning.CONFIG_ATTR: a tuned Config for this copy's launch
 ROWS_ATTR = "nibble.rows"  # = compiler.dispatch.ROWS_ATTR: the bucket bound R of a copy (m <= R)
 VERSION = 2  # bump when the template changes meaning: tuning records of other versions are ignored
@@ -311,10 +311,6 @@ for rb in T.thread_binding((m * T.int64($NV) + T.int64(255)) // T.int64(256), th
 ''')
 
 
-def _indent(text: str, n: int) -> str:
-    return "\n".join(" " * n + line if line.strip() else line for line in text.strip("\n").split("\n"))
-
-
 def _swz(row: str, chunk: str, chunks: int) -> str:
     """XOR swizzle of the 16 B chunk index within a row so that 8 consecutive rows of one logical chunk
     land in 8 different bank groups (ldmatrix reads 8 rows x 16 B per matrix)."""
@@ -332,7 +328,7 @@ def _launch(c: Config, n: int, k: int, g: int, sym: bool, bias: bool, split: int
     if split == 1:
         kb, kt_n = "0", str(steps)
     else:  # slice z = steps [z * steps // split, (z + 1) * steps // split): sizes differ by at most 1
-        grid = f'for bz in T.thread_binding({split}, thread="blockIdx.z"):\n' + _indent(grid, 4)
+        grid = f'for bz in T.thread_binding({split}, thread="blockIdx.z"):\n' + indent(grid, 4)
         kb = f"bz * {steps} // {split}"
         kt_n = (str(steps // split) if steps % split == 0
                 else f"((bz + 1) * {steps} // {split} - {kb})")
@@ -425,12 +421,12 @@ for i in T.unroll({mi}):
     body = _LAUNCH.substitute(
         BM=bm, BN=bn, BK=bk, S=S, THREADS=t, MI=mi, NI=ni, LW=lw, KT=kt_n,
         SMEM=c.smem_bytes(), HELPERS=repr(_HELPERS["nb_smem_addr"]),
-        LOAD_S=_indent(load("s"), 8), SCALE_0=_indent(scale("0"), 4),
-        DEQUANT_0=_indent(dequant("0"), 4), LOAD_NEXT=_indent(load(f"kt + {S - 1}"), 12),
-        SCALE_NEXT=_indent(scale("kt + 1"), 12), COMPUTE=_indent(compute, 8),
-        DEQUANT_NEXT=_indent(dequant("kt + 1"), 12), EPILOGUE=_indent(epilogue, 4))
+        LOAD_S=indent(load("s"), 8), SCALE_0=indent(scale("0"), 4),
+        DEQUANT_0=indent(dequant("0"), 4), LOAD_NEXT=indent(load(f"kt + {S - 1}"), 12),
+        SCALE_NEXT=indent(scale("kt + 1"), 12), COMPUTE=indent(compute, 8),
+        DEQUANT_NEXT=indent(dequant("kt + 1"), 12), EPILOGUE=indent(epilogue, 4))
     depth = grid.count("\n") + 1
-    return grid + "\n" + _indent(body, 4 * depth)
+    return grid + "\n" + indent(body, 4 * depth)
 
 
 def fits(attrs: dict, c: Config, max_smem: int, split: int = 1) -> str | None:
@@ -487,7 +483,7 @@ def gemm_func(attrs: dict, arch: ArchConfig, rows: int | None = None, tuned: Con
             val += f' + T.Cast("float32", bias[e % T.int64({n // 4}) * T.int64(4) + T.Cast("int64", v)])'
         body = "\n".join([f'ws = T.alloc_buffer((m, {split}, T.int64({n})), "float32", scope="global")',
                           body, _REDUCE.substitute(SPLIT=split, NV=n // 4, VAL=val).strip("\n")])
-    src = _FUNC.substitute(N=n, K=k, KW=k // 8, NG=k // g, EXTRA=extra, BODY=_indent(body, 4))
+    src = _FUNC.substitute(N=n, K=k, KW=k // 8, NG=k // g, EXTRA=extra, BODY=indent(body, 4))
     if source_only:
         return src
     import tvm

@@ -30,7 +30,9 @@ equivalent kernel with a cheaper decode (same inputs, same fp32 accumulation):
 Knobs are in Config (per-arch defaults, per bucket) so a tuner can search them. Measured on an H200
 (benchmarks/results/h200_notes.md): TS=4 beats TS=2/8 at m=4 by 1.3-2x and ties at m=1; the kernel is
 good for m <= 4 only: past that, each lane re-reading B rows of x from L1 for every TS rows of W and
-B fp32 FMAs per weight make it slower than the GEMM copy (the fix is a tensor-core decode kernel).
+B fp32 FMAs per weight make it slower than the GEMM copy. The tensor-core decode kernel
+(schedules/gemv_mma.py) is that fix; the dispatch routes to it wherever it takes the shape, and to
+this kernel only where it does not (groups not a multiple of 128, K % 128, GPUs before sm_80).
 """
 from __future__ import annotations
 

@@ -12,6 +12,12 @@ ATTR = "nibble.int4"  # = compiler.int4_kernel.ATTR (not imported: schedules mus
 KERNEL_ATTR = "nibble.kernel"  # "gemv" | "gemm", set by compiler/dispatch.py on its copies
 
 
+def indent(text: str, n: int) -> str:
+    """text without its surrounding blank lines, every non-blank line indented by n spaces (for
+    splicing generated TVMScript into a template)."""
+    return "\n".join(" " * n + line if line.strip() else line for line in text.strip("\n").split("\n"))
+
+
 class TemplateRule(ScheduleRule):
     kind = ""  # the "nibble.kernel" tag this rule takes
 

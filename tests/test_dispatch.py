@@ -1,16 +1,18 @@
-"""compiler/dispatch.py: one module, symbolic m, a kernel copy per token bucket of ROUTES (GEMV copies for
-small m, GEMM bucket copies where our GEMM takes the shape, the unbounded GEMM copy past them)."""
+"""compiler/dispatch.py: one module, symbolic m, a kernel copy per token bucket of ROUTES (tensor-core GEMV
+copies for small m, GEMM bucket copies where our GEMM takes the shape, the unbounded GEMM copy past
+them); FALLBACK_ROUTES (CUDA-core GEMV copies) where the tensor-core GEMV does not take the shape."""
 import numpy as np
 import pytest
 
 import tvm
 from tvm import relax, te, tirx
 
-from compiler.dispatch import BUCKETS, KERNEL_ATTR, ROUTES, ROWS_ATTR, dispatch_small_m, kernel_for
+from compiler.dispatch import (BUCKETS, FALLBACK_ROUTES, KERNEL_ATTR, ROUTES, ROWS_ATTR, dispatch_small_m,
+                               kernel_for, routes_for)
 from compiler.int4_kernel import ATTR
 from compiler.int4_pass import quantize_linears
 
-K, N = 256, 64
+K, N = 192, 64  # K % 128 != 0: not the tensor-core GEMV's; N % 128 != 0: not our GEMM's either
 
 
 def _linear_module(k=K, n=N, seed=0):
@@ -34,8 +36,17 @@ def _prim_funcs(mod):
 TILED = (256, 128)  # (K, N) our GEMM tiles on sm_90: it gets the GEMM bucket copies too
 
 
+def test_routes_for_picks_the_tensor_core_gemv_where_it_takes_the_shape():
+    spec = {"n": 4096, "k": 4096, "group_size": 128, "x_dtype": "float16"}
+    assert routes_for(spec, "sm_90") == ROUTES and routes_for(spec, "sm_75") == FALLBACK_ROUTES
+    assert routes_for({**spec, "group_size": 64}, "sm_90") == FALLBACK_ROUTES
+    assert routes_for(spec, None) == FALLBACK_ROUTES
+    assert kernel_for(1) == "mma8" and kernel_for(1, FALLBACK_ROUTES) == "gemv1"
+
+
 def test_dispatch_structure():
-    """N = 64 does not tile for our GEMM: GEMV buckets + one "gemm" copy (dlight's, for every larger m)."""
+    """K % 128 and N = 64 fit neither the tensor-core GEMV nor our GEMM: the CUDA-core GEMV buckets + one
+    "gemm" copy (dlight's, for every larger m)."""
     mod = dispatch_small_m(_linear_module()[0], arch="sm_90")
     prims = _prim_funcs(mod)
     kinds = sorted((str(f.attrs[KERNEL_ATTR]), int(f.attrs[ROWS_ATTR]) if ROWS_ATTR in f.attrs else 0)
@@ -51,12 +62,13 @@ def test_dispatch_structure():
 
 
 def test_dispatch_structure_with_gemm_buckets():
-    """A shape our GEMM tiles: one copy per ROUTES entry + the unbounded one, each tagged with its bound."""
+    """A shape both the tensor-core GEMV and our GEMM take: one copy per ROUTES entry + the unbounded one,
+    each tagged with its bound."""
     mod = dispatch_small_m(_linear_module(*TILED)[0], arch="sm_90")
     kinds = sorted((str(f.attrs[KERNEL_ATTR]), int(f.attrs[ROWS_ATTR]) if ROWS_ATTR in f.attrs else 0)
                    for f in _prim_funcs(mod).values())
     assert kinds == sorted([(kind, r) for r, kind in ROUTES] + [("gemm", 0)])
-    assert any(kind == "gemm" for _, kind in ROUTES)  # the test means something
+    assert {kind for _, kind in ROUTES} == {"mma", "gemm"}  # the test means something
     text = mod.script()
     assert all(f"if m <= {r}:" in text for r, _ in ROUTES)
     names = sorted(_prim_funcs(mod))
@@ -99,8 +111,8 @@ def test_dispatch_picks_bucket_by_m_at_run_time(marker_vm, m_val):
 @pytest.mark.parametrize("m_val", [1, 2, 3, 4, 5, 17, 200])
 def test_dispatch_picks_kernel_by_m_at_run_time(m_val):
     """Built once for llvm with every copy replaced by a marker kernel, then run at several m: the VM's
-    If on the symbolic m picks the bucket copy for m <= 4 and the GEMM copy above (a shape our GEMM
-    does not tile: no GEMM buckets)."""
+    If on the symbolic m picks the CUDA-core GEMV copy for m <= 4 and the GEMM copy above (a shape neither
+    the tensor-core GEMV nor our GEMM takes: FALLBACK_ROUTES without GEMM buckets)."""
     mod, params = _linear_module()
     mod = dispatch_small_m(mod, arch="sm_90")
     marks = {name: float(i + 1) for i, name in enumerate(sorted(_prim_funcs(mod)))}
@@ -118,8 +130,8 @@ def test_dispatch_picks_kernel_by_m_at_run_time(m_val):
 @pytest.mark.gpu
 def test_built_module_launches_the_routed_bucket_copy():
     """The real CUDA build through build.py: name the kernels the GPU runs (torch's CUPTI profiler): the
-    GEMV at m=1, the split-K GEMM bucket (its kernel + the reduction kernel) at 16 and 200, and the
-    unbounded GEMM at 1000."""
+    tensor-core GEMV at m=1 and 16, the split-K GEMM bucket (its kernel + the reduction kernel) at 32 and
+    200, and the unbounded GEMM at 1000."""
     import torch
 
     from compiler.build import build_module
@@ -129,7 +141,7 @@ def test_built_module_launches_the_routed_bucket_copy():
     vm = relax.VirtualMachine(build_module(mod, resolve("cuda", "sm_90")), tvm.cuda(0))
     ws = [tvm.runtime.tensor(params[p.name], device=tvm.cuda(0)) for p in mod["main"].params[1:]]
     ran = {}
-    for m_val in (1, 16, 200, 1000):
+    for m_val in (1, 16, 32, 200, 1000):
         x = tvm.runtime.tensor(np.random.default_rng(m_val).standard_normal((m_val, 4096)).astype(np.float16),
                                device=tvm.cuda(0))
         vm["main"](x, *ws)  # warm up (module load) outside the profile
@@ -143,4 +155,5 @@ def test_built_module_launches_the_routed_bucket_copy():
         copy = kernel_for(m_val)
         assert kernels and all(n.split("int4_matmul")[1].split("_kernel")[0].endswith("_" + copy)
                                for n in kernels), (m_val, kernels)
-    assert len(set(ran[16])) == 2 and len(set(ran[1000])) == 1  # split-K: GEMM + reduction kernel
+    assert len(set(ran[32])) == 2 and len(set(ran[1000])) == 1  # split-K: GEMM + reduction kernel
+    assert kernel_for(1) == "mma8" and kernel_for(16) == "mma16"

@@ -112,27 +112,32 @@ def test_gemm_rule_emits_tensor_core_code(built):
 
 
 def test_split_k_for_few_tokens_not_for_the_unbounded_copy(built):
-    """gemm16: 16-row tiles (4 warps), K over blockIdx.z, fp32 partials to the workspace, and a second
-    kernel that sums them, adds the bias and rounds; the unbounded copy: one kernel straight to y."""
+    """The smallest GEMM bucket (gemm32 where the tensor-core GEMV serves m <= 16, else gemm16): 16- or
+    32-row tiles (4 warps), K over blockIdx.z, fp32 partials to the workspace, and a second kernel that
+    sums them, adds the bias and rounds; the unbounded copy: one kernel straight to y."""
+    from compiler.dispatch import routes_for
     from schedules.gemm import DEFAULTS, plan
 
     _, src = built
     arch = DEFAULTS["sm_90"]
+    smallest = {}
     for name, (n, k, cfg, bias) in LINEARS.items():
         attrs = {"n": n, "k": k, "group_size": cfg.group(k), "symmetric": cfg.symmetric,
                  "has_bias": bias, "x_dtype": "float16"}
-        c16, split16 = plan(attrs, arch, 16)
-        assert c16.block_m == 16 and split16 > 1, name
-        gemm16 = _kernel_source(src, f"int4_{name}_gemm16_kernel")
-        assert gemm16.startswith("void __launch_bounds__(128)")  # 1 x 4 warps
-        assert "blockIdx.z" in gemm16 and "float* __restrict__ ws_ptr" in gemm16
-        assert "*(float2*)(ws_ptr" in gemm16 and "y_ptr" not in gemm16  # partials only
-        reduce = _kernel_source(src, f"int4_{name}_gemm16_kernel_1")
+        rows = smallest[name] = next(r for r, kind in routes_for(attrs, "sm_90") if kind == "gemm")
+        c, split = plan(attrs, arch, rows)
+        assert c.block_m == rows and split > 1, name
+        few = _kernel_source(src, f"int4_{name}_gemm{rows}_kernel")
+        assert few.startswith("void __launch_bounds__(128)")  # 1 x 4 warps
+        assert "blockIdx.z" in few and "float* __restrict__ ws_ptr" in few
+        assert "*(float2*)(ws_ptr" in few and "y_ptr" not in few  # partials only
+        reduce = _kernel_source(src, f"int4_{name}_gemm{rows}_kernel_1")
         assert "ws_ptr" in reduce and "y_ptr" in reduce and ("bias_ptr" in reduce) == bias
         assert "mma.sync" not in reduce and "*(float4*)(ws_ptr" in reduce  # 16-byte partial loads
         whole = _kernel_source(src, f"int4_{name}_gemm_kernel")
         assert "blockIdx.z" not in whole and "ws_ptr" not in whole and "y_ptr" in whole
         assert f"int4_{name}_gemm_kernel_1" not in src
+    assert smallest == {"main": 32, "asym_bias": 16}  # group 64: no tensor-core GEMV, gemm16 serves 5..16
     # the short K (8 steps of 64) splits in 2 at most: every slice fills the 4-stage ring's prologue
     assert "blockIdx.z" in _kernel_source(src, "int4_asym_bias_gemm16_kernel")
 

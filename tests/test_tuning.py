@@ -144,7 +144,7 @@ def test_tuning_starts_from_the_templates_arch_default():
     from compiler.quantize import QuantConfig
     from compiler.target import tvm_target
     from compiler.tuning import Task
-    from schedules import gemm
+    from schedules import gemm, gemv_mma
 
     cuda = resolve("cuda", "sm_90")
     task = Task("k:gemm", int4_matmul_func(256, 256, QuantConfig()), "gemm", 512)
@@ -152,8 +152,9 @@ def test_tuning_starts_from_the_templates_arch_default():
 
 
 def test_gemm_bucket_copies_are_tasks_of_their_own():
-    """Each GEMM bucket copy of the dispatch is a task measured at its bound, whose baseline is its own
-    tile (16 rows for m <= 16, ...); the unbounded copy keeps the large tile at PREFILL_M."""
+    """Each bucket copy of the dispatch is a task measured at its bound, whose baseline is its own config
+    (GEMM: its tile, 32 rows for m <= 32, ...; tensor-core GEMV: its default by N and token tiles); the
+    unbounded copy keeps the large tile at PREFILL_M."""
     import tvm
     from tvm import relax
 
@@ -162,7 +163,7 @@ def test_gemm_bucket_copies_are_tasks_of_their_own():
     from compiler.quantize import QuantConfig
     from compiler.target import tvm_target
     from compiler.tuning import PREFILL_M, Task
-    from schedules import gemm
+    from schedules import gemm, gemv_mma
 
     cuda = resolve("cuda", "sm_90")
     bb = relax.BlockBuilder()
@@ -182,6 +183,9 @@ def test_gemm_bucket_copies_are_tasks_of_their_own():
         assert task.m == rows and task.calls == 1
         if kind == "gemm":
             assert task.default(cuda) == vars(gemm.tile_for(arch, 256, rows))
-    assert tasks["k:gemm:16"].default(cuda)["block_m"] == 16
+        else:
+            assert task.default(cuda) == vars(gemv_mma.default_for(gemv_mma.config_for(tvm_target(cuda)), 256, rows))
+    assert tasks["k:gemm:32"].default(cuda)["block_m"] == 32
+    assert tasks["k:mma:8"].default(cuda) != tasks["k:mma:16"].default(cuda)  # one vs two token tiles
     assert tasks["k:gemm"].m == PREFILL_M and tasks["k:gemm"].default(cuda) == vars(arch.large)
     assert all(isinstance(t, Task) for t in tasks.values())
