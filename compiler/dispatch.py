@@ -35,7 +35,7 @@ from tvm import relax, tirx
 from .int4_kernel import ATTR
 
 KERNEL_ATTR = "nibble.kernel"  # = schedules.template.KERNEL_ATTR
-ROWS_ATTR = "nibble.rows"  # = schedules.gemv.ROWS_ATTR / schedules.gemm.ROWS_ATTR
+ROWS_ATTR = "nibble.rows"  # = schedules.template.ROWS_ATTR
 
 # The decision rule, as data: (bound R, kernel kind) by increasing R; m runs the first copy with m <= R,
 # anything past the last bound the unbounded "gemm" copy. Measured on the H200 against every other copy

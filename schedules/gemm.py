@@ -54,9 +54,8 @@ from __future__ import annotations
 import dataclasses
 from string import Template
 
-from .template import ATTR, KERNEL_ATTR, TemplateRule, indent
+from .template import ATTR, KERNEL_ATTR, ROWS_ATTR, TemplateRule, indent
 CONFIG_ATTR = "nibble.config"  # = compiler.tuning.CONFIG_ATTR: a tuned Config for this copy's launch
-ROWS_ATTR = "nibble.rows"  # = compiler.dispatch.ROWS_ATTR: the bucket bound R of a copy (m <= R)
 VERSION = 2  # bump when the template changes meaning: tuning records of other versions are ignored
 # v2: one launch per bucket copy (was: small/large picked inside the copy), split_k
 

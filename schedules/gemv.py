@@ -40,8 +40,7 @@ import dataclasses
 import math
 from string import Template
 
-from .template import ATTR, KERNEL_ATTR, TemplateRule
-ROWS_ATTR = "nibble.rows"  # the token bucket B a "gemv" copy serves (m <= B)
+from .template import ATTR, KERNEL_ATTR, ROWS_ATTR, TemplateRule
 
 
 @dataclasses.dataclass(frozen=True)

@@ -41,9 +41,8 @@ import dataclasses
 import math
 from string import Template
 
-from .template import ATTR, TemplateRule, indent
+from .template import ATTR, ROWS_ATTR, TemplateRule, indent
 
-ROWS_ATTR = "nibble.rows"  # the token bucket B a copy serves (m <= B): 8 tokens per tile, 2 tiles past 8
 CHUNK = 128  # k per lane-quad per chunk: 4 lanes x 4 words x 8 nibbles
 VERSION = 1  # bump when the kernel changes meaning: tuning records of other versions are ignored
 

@@ -9,7 +9,8 @@ from __future__ import annotations
 from tvm.s_tir.dlight.base import ScheduleRule
 
 ATTR = "nibble.int4"  # = compiler.int4_kernel.ATTR (not imported: schedules must not need compiler/)
-KERNEL_ATTR = "nibble.kernel"  # "gemv" | "gemm", set by compiler/dispatch.py on its copies
+KERNEL_ATTR = "nibble.kernel"  # "mma" | "gemv" | "gemm", set by compiler/dispatch.py on its copies
+ROWS_ATTR = "nibble.rows"  # = compiler.dispatch.ROWS_ATTR: the token bucket R a copy serves (m <= R)
 
 
 def indent(text: str, n: int) -> str:
