@@ -53,6 +53,13 @@ VARIANT_MS = (1, 4)
 # copy at every M it serves (name suffix -> Config overrides)
 MMA_VARIANTS = {f"w{w}u{u}": dict(warps=w, chunks=u) for w in (4, 8, 16) for u in (1, 2, 4)}
 MMA_VARIANTS["w8u2r2"] = dict(warps=8, chunks=2, row_tiles=2)
+# Hopper wgmma GEMM (schedules/gemm_wgmma.py) variants, timed with --candidates beside each "wgmma" copy:
+# t = tokens per block (wgmma n), w = warpgroups (64 W rows each), s = ring stages
+# (on the unbounded copy only: a variant replaces the per-bucket default whole)
+WGMMA_VARIANTS = {f"t{t}w{w}m{mt}s{s}": dict(tokens=t, warpgroups=w, m_tiles=mt, stages=s)
+                  for t, w, mt, s in ((64, 1, 1, 4), (128, 1, 1, 4), (128, 2, 1, 4), (256, 1, 1, 4), (256, 2, 1, 5),
+                                      (128, 2, 2, 4))}
+VARIANT_SETS = {"mma": MMA_VARIANTS, "wgmma": WGMMA_VARIANTS}  # per copy kind
 LAUNCHES = 24  # launches captured per CUDA graph (at least one pass over the copies)
 ERR_MAX = 2e-3  # issue 3's bound on the relative error at K = 4096
 CHECK = (4096, 4096)  # (K, N) of the zero points + bias check with --candidates
@@ -118,8 +125,8 @@ def kernel_funcs(job: Job, target) -> dict:
                 funcs[name] = copies[copy].with_attr({"global_symbol": name,
                                                       CONFIG_ATTR: dataclasses.asdict(tuned)})
     if job.candidates and not job.numerics_only and not job.only_splits:
-        for copy in [c for c in copies if _bound(c)[1] == "mma"]:
-            for vname, over in MMA_VARIANTS.items():
+        for copy in [c for c in copies if _bound(c)[1] == "mma" or c == "wgmma"]:
+            for vname, over in VARIANT_SETS[_bound(copy)[1]].items():
                 name = f"{copy}_{vname}"
                 funcs[name] = copies[copy].with_attr({"global_symbol": name, CONFIG_ATTR: over})
     if not job.candidates and not job.only_splits:
@@ -173,6 +180,11 @@ def build(job: Job, out_dir: str) -> tuple[str, list[str], dict]:
             tuned = config_from(f, gemm.Config, tile) if CONFIG_ATTR in f.attrs else None
             plan = gemm.checked_plan(attrs, arch, rows, tuned)
             labels[name] = f"{plan[0].label()} split {plan[1]}" if plan else "dlight"
+        elif str(f.attrs.get("nibble.kernel", "")) == "wgmma":
+            from schedules import gemm_wgmma
+
+            c = config_from(f, gemm_wgmma.Config, gemm_wgmma.default_config(target, f))
+            labels[name] = f"t{c.tokens}w{c.warpgroups}m{c.m_tiles}s{c.stages}"
     stock = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
     ours = tvm.IRModule({k: f for k, f in funcs.items() if "nibble.stock" not in f.attrs})
     theirs = tvm.IRModule({k: f.without_attr("nibble.stock") for k, f in funcs.items() if "nibble.stock" in f.attrs})
@@ -463,7 +475,7 @@ def measure_shape(job: Job, kernels: dict, labels: dict, meta: dict) -> list[dic
             row["variants"] = {}  # tensor-core GEMV config variants of the mma copies serving m
             for c in row["cand"]:
                 for name in sorted(kernels):
-                    if _bound(c)[1] == "mma" and name.startswith(c + "_"):
+                    if _bound(c)[1] in VARIANT_SETS and name.startswith(c + "_"):
                         err, t = run(kernels[name])
                         row["variants"][name] = {"us": t * 1e6, "err": err, "config": name[len(c) + 1:]}
         row["bytes"] = mbytes
@@ -534,10 +546,12 @@ def write(out, meta, rows, checks=(), stem="bench_linear"):
     var_rows = [r for r in rows if r.get("variants")]
     if var_rows:
         names = sorted({n for r in var_rows for n in r["variants"]}, key=lambda n: (_order(n.split("_")[0]), n))
-        md += ["", "## Tensor-core GEMV config variants (us; schedules/gemv_mma.py, bench_linear.MMA_VARIANTS)", "",
-               "| K->N | M | " + " | ".join(["mma8", "mma16"] + names) + " |", "|" + "---|" * (len(names) + 4)]
+        bases = sorted({n.split("_")[0] for n in names}, key=_order)
+        md += ["", "## Config variants of the tensor-core GEMV (mma) and the wgmma GEMM (us; bench_linear."
+               "MMA_VARIANTS, WGMMA_VARIANTS)", "",
+               "| K->N | M | cuBLAS us | " + " | ".join(bases + names) + " |", "|" + "---|" * (len(bases + names) + 3)]
         for r in var_rows:
-            cells = [f"{r['cand'][c]['us']:.1f}" if c in r["cand"] else "" for c in ("mma8", "mma16")]
+            cells = [f"{r['t_cublas'] * 1e6:.1f}"] + [f"{r['cand'][c]['us']:.1f}" if c in r["cand"] else "" for c in bases]
             cells += [f"{r['variants'][n]['us']:.1f}" if n in r["variants"] else "" for n in names]
             md.append(f"| {r['K']}->{r['N']} | {r['M']} | " + " | ".join(cells) + " |")
     errs = [err for r in rows for _, err in _nibble_errs(r)]

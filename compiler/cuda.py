@@ -87,12 +87,16 @@ def register_nvcc_callback(arch: str) -> None:
     import tvm_ffi
 
     nvcc = nvcc_path()
+    # sm_90 -> sm_90a: Hopper's wgmma (schedules/gemm_wgmma.py) exists only in the arch-specific
+    # variant; its cubin runs on exactly the GPUs an sm_90 cubin runs on (H100/H200). The -gencode
+    # spelling: some nvcc versions also run a plain sm_90 pass for -arch=sm_90a, which rejects wgmma.
+    flags = ["-gencode=arch=compute_90a,code=sm_90a"] if arch == "sm_90" else [f"-arch={arch}"]
 
     def compile_cuda(code: str) -> bytes:
         with tempfile.TemporaryDirectory(prefix="nibble-nvcc-") as tmp:
             cu, cubin = Path(tmp, "k.cu"), Path(tmp, "k.cubin")
             cu.write_text(code)
-            cmd = [nvcc, "--cubin", "-O3", f"-arch={arch}", "-o", str(cubin), str(cu)]
+            cmd = [nvcc, "--cubin", "-O3", *flags, "-o", str(cubin), str(cu)]
             r = subprocess.run(cmd, capture_output=True, text=True)
             if r.returncode:
                 # TVM's generated code draws hundreds of unused-variable warnings: show the errors

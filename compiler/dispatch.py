@@ -3,11 +3,13 @@
 The int4 pass emits one PrimFunc per linear shape with a single symbolic token dim m, but no one
 schedule is good for both decode (m = 1..16: memory-bound) and prefill (m in the hundreds: tensor-core
 GEMM), and even the GEMM wants other tiles and K splits at 16 tokens than at 2048. This pass, run by
-build.py for CUDA after the int4 pass, gives each int4 PrimFunc one copy per entry of ROUTES
-(FALLBACK_ROUTES where the tensor-core GEMV does not take its shape),
+build.py for CUDA after the int4 pass, gives each int4 PrimFunc one copy per entry of its routes
+(`routes_for`: ROUTES, with FALLBACK_ROUTES' parts where the Hopper/tensor-core kernels do not take it),
     <name>_mma8, _mma16              tagged "nibble.kernel"="mma", "nibble.rows"=B   (schedules/gemv_mma.py)
     <name>_gemm32, _gemm64, ...      tagged "nibble.kernel"="gemm", "nibble.rows"=R  (schedules/gemm.py)
-    <name>_gemm                      tagged "nibble.kernel"="gemm" (no bound: every larger m)
+    <name>_wgmma256, _wgmma1024      tagged "nibble.kernel"="wgmma", "nibble.rows"=R (schedules/gemm_wgmma.py)
+    <name>_wgmma                     tagged "nibble.kernel"="wgmma" (no bound: every larger m)
+(FALLBACK_ROUTES' <name>_gemm256 and unbounded <name>_gemm where the wgmma GEMM does not take it)
 and replaces every `call_tir(<name>, args)` with a call to a private Relax function
 
     @R.function(private=True)
@@ -15,14 +17,14 @@ and replaces every `call_tir(<name>, args)` with a call to a private Relax funct
         if m <= 8:   y = call_tir(<name>_mma8, ...)
         elif m <= 16: y = call_tir(<name>_mma16, ...)
         ...
-        elif m <= 256: y = call_tir(<name>_gemm256, ...)
-        else:        y = call_tir(<name>_gemm, ...)
+        elif m <= 1024: y = call_tir(<name>_wgmma1024, ...)
+        else:        y = call_tir(<name>_wgmma, ...)
         return y
 
 Relax `If` cannot sit in a dataflow block, hence the separate function (pure, so main's dataflow
 blocks may call it); the condition is a PrimValue of the symbolic m, which the VM evaluates from x's
 shape at run time, so one compiled module serves every m. The bound R of a copy is all its rule needs
-to pick a tile and a K split (schedules/gemm.py `plan`). A bucket costs one more kernel (two with
+to pick a tile (and, schedules/gemm.py `plan`, a K split). A bucket costs one more kernel (two with
 split-K) in the module.
 """
 from __future__ import annotations
@@ -38,25 +40,32 @@ KERNEL_ATTR = "nibble.kernel"  # = schedules.template.KERNEL_ATTR
 ROWS_ATTR = "nibble.rows"  # = schedules.template.ROWS_ATTR
 
 # The decision rule, as data: (bound R, kernel kind) by increasing R; m runs the first copy with m <= R,
-# anything past the last bound the unbounded "gemm" copy. Measured on the H200 against every other copy
-# that could serve these m, summed over the four Llama-2-7B shapes (bench_linear.py --candidates,
-# h200_bench_linear_mma_candidates.md), with the per-N defaults schedules/gemv_mma.py took from that sweep:
+# the last entry (no bound) every larger m. Measured on the H200 against every other copy that could
+# serve these m, summed over the four Llama-2-7B shapes (bench_linear.py --candidates,
+# h200_bench_linear_mma_candidates.md, h200_bench_linear_wgmma_candidates.md):
 #  * m <= 8 / 16: the tensor-core GEMV with one / two 8-token tiles: m = 1 44.1 us vs 48.0 for the
 #    CUDA-core GEMV, m = 2 45.3 vs 60.3 (gemv2), m = 4 47.0 vs 87.3 (gemv4), m = 8 53.2 vs 96.9 (gemm16),
 #    m = 16 82.0 vs 98.9 (gemm16).
-#  * m <= 32 / 64 / 256: GEMM buckets whose tile (32-, 64-row) and auto split fill the SMs (see
-#    schedules/gemm.py); past 256 the 128x128 tile without split.
-ROUTES = ((8, "mma"), (16, "mma"), (32, "gemm"), (64, "gemm"), (256, "gemm"))
+#  * m <= 32 / 64: mma.sync GEMM buckets whose 32- / 64-row tiles and auto K split fill the SMs
+#    (schedules/gemm.py).
+#  * m <= 256, <= 1024 and past: the Hopper wgmma GEMM (schedules/gemm_wgmma.py), its tile per bucket
+#    and N; where it does not take the shape (not sm_90), the mma.sync GEMM's 64- and 128-row tiles.
+DECODE = ((8, "mma"), (16, "mma"))
+MIDDLE = ((32, "gemm"), (64, "gemm"))
+PREFILL = ((256, "wgmma"), (1024, "wgmma"), (None, "wgmma"))
+ROUTES = DECODE + MIDDLE + PREFILL
 # Where the tensor-core GEMV does not take a spec (pre-sm_80, groups not a multiple of 128, K % 128):
 #  * m <= 4: the CUDA-core GEMV (1.25-2.5x faster than cuBLAS fp16 there; past 4 tokens it is bound by
 #    L1 traffic for x and fp32 FMAs); m = 5..16 the split-K GEMM with 16-row tiles.
-FALLBACK_ROUTES = ((1, "gemv"), (2, "gemv"), (4, "gemv"), (16, "gemm"), (32, "gemm"), (64, "gemm"),
-                   (256, "gemm"))
+DECODE_FALLBACK = ((1, "gemv"), (2, "gemv"), (4, "gemv"), (16, "gemm"))
+PREFILL_FALLBACK = ((256, "gemm"), (None, "gemm"))
+FALLBACK_ROUTES = DECODE_FALLBACK + MIDDLE + PREFILL_FALLBACK
 BUCKETS = tuple(r for r, kind in FALLBACK_ROUTES if kind == "gemv")  # the CUDA-core GEMV buckets
 # Copies the benchmark times beside the routed one (bench_linear.py --candidates): every bucket that
 # could serve an m, so one GPU run can move the bounds above.
 CANDIDATES = ((1, "gemv"), (2, "gemv"), (4, "gemv"), (8, "gemv"), (16, "gemv"), (8, "mma"), (16, "mma"),
-              (16, "gemm"), (32, "gemm"), (64, "gemm"), (256, "gemm"), (None, "gemm"))
+              (16, "gemm"), (32, "gemm"), (64, "gemm"), (256, "gemm"), (None, "gemm"), (64, "wgmma"),
+              (256, "wgmma"), (1024, "wgmma"), (None, "wgmma"))
 
 
 def parse_copy(copy: str) -> tuple:
@@ -72,14 +81,17 @@ def copy_name(rows: int | None, kind: str) -> str:
 
 def kernel_for(m: int, routes=ROUTES) -> str:
     """The copy (its suffix) the dispatch runs at m tokens."""
-    return next((copy_name(r, kind) for r, kind in routes if m <= r), "gemm")
+    return next(copy_name(r, kind) for r, kind in routes if r is None or m <= r)
 
 
 def routes_for(spec: dict, arch: str | None) -> tuple:
-    """ROUTES where the tensor-core GEMV takes the int4 spec on arch ("sm_90"), else FALLBACK_ROUTES."""
-    from schedules.gemv_mma import takes
+    """The routes of an int4 spec on arch ("sm_90"): DECODE where the tensor-core GEMV takes it (else
+    DECODE_FALLBACK), MIDDLE, then PREFILL where the wgmma GEMM takes it (else PREFILL_FALLBACK)."""
+    from schedules.gemm_wgmma import takes as wgmma_takes
+    from schedules.gemv_mma import takes as mma_takes
 
-    return ROUTES if takes(spec, arch) else FALLBACK_ROUTES
+    return ((DECODE if mma_takes(spec, arch) else DECODE_FALLBACK) + MIDDLE
+            + (PREFILL if wgmma_takes(spec, arch) else PREFILL_FALLBACK))
 
 
 def candidates_for(m: int, candidates=CANDIDATES) -> list[str]:
@@ -88,8 +100,8 @@ def candidates_for(m: int, candidates=CANDIDATES) -> list[str]:
 
 
 def base_name(name: str) -> str:
-    """The int4 PrimFunc a copy was made from: strips "_gemv4", "_gemm16", "_gemm"."""
-    return re.sub(r"_(gemv|gemm|mma)\d*$", "", name)
+    """The int4 PrimFunc a copy was made from: strips "_gemv4", "_gemm16", "_gemm", "_wgmma"."""
+    return re.sub(r"_(gemv|gemm|mma|wgmma)\d*$", "", name)
 
 
 def bucket_copy(func: tirx.PrimFunc, name: str, rows: int | None, kind: str) -> tirx.PrimFunc:
@@ -100,7 +112,7 @@ def bucket_copy(func: tirx.PrimFunc, name: str, rows: int | None, kind: str) -> 
     return func.with_attr(attrs)
 
 
-def _dispatch_function(func: tirx.PrimFunc, kernels: list, gemm: tvm.ir.GlobalVar) -> relax.Function:
+def _dispatch_function(func: tirx.PrimFunc, kernels: list, large: tvm.ir.GlobalVar) -> relax.Function:
     """The private Relax function that picks a kernel by m (see the module docstring)."""
     bufs = list(func.params)  # TVM 0.27: typed buffer params (name, shape, dtype)
     m = tirx.Var("m", "int64")
@@ -111,7 +123,7 @@ def _dispatch_function(func: tirx.PrimFunc, kernels: list, gemm: tvm.ir.GlobalVa
 
     def branch(i):
         if i == len(kernels):
-            return relax.call_tir(gemm, params, out)
+            return relax.call_tir(large, params, out)
         rows, gv = kernels[i]
         return relax.If(relax.prim_value(m <= rows), relax.call_tir(gv, params, out), branch(i + 1))
 
@@ -130,7 +142,7 @@ def _gemm_takes(func: tirx.PrimFunc, rows: int, arch: str | None) -> bool:
 
 def dispatch_small_m(mod: tvm.IRModule, routes=None, arch: str | None = None) -> tvm.IRModule:
     """Split every int4 PrimFunc into bucket copies (`routes`, default `routes_for` the function's spec
-    on `arch`) + an unbounded GEMM copy behind an m dispatch.
+    on `arch`; the entry with no bound is the unbounded copy) behind an m dispatch.
 
     Bounded "gemm" copies are made only where our GEMM template takes the shape on `arch` (e.g.
     "sm_90"): elsewhere dlight's Matmul schedules every "gemm" copy the same way, so one copy serves
@@ -154,14 +166,18 @@ def dispatch_small_m(mod: tvm.IRModule, routes=None, arch: str | None = None) ->
     route = {}  # original PrimFunc GlobalVar -> its dispatch function
     for gv, func in int4:
         name = gv.name_hint
-        kernels = []
+        kernels, large = [], "gemm"
         for rows, kind in routes or routes_for(func.attrs[ATTR], arch):
+            if rows is None:
+                large = kind
+                continue
             if kind == "gemm" and not _gemm_takes(func, rows, arch):
                 continue
             copy = f"{name}_{copy_name(rows, kind)}"
             kernels.append((rows, add(bucket_copy(func, copy, rows, kind), copy)))
-        gemm = add(bucket_copy(func, f"{name}_gemm", None, "gemm"), f"{name}_gemm")
-        route[gv] = add(_dispatch_function(func, kernels, gemm), f"{name}_dispatch")
+        copy = f"{name}_{large}"
+        big = add(bucket_copy(func, copy, None, large), copy)
+        route[gv] = add(_dispatch_function(func, kernels, big), f"{name}_dispatch")
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rw.builder_.update_func(gv, rw.visit_expr(func))

@@ -40,6 +40,7 @@ from .int4_kernel import ATTR
 
 CONFIG_ATTR = "nibble.config"  # PrimFunc attr: the Config fields a rule must use for this function
 TEMPLATES = {"gemv": "schedules.gemv", "mma": "schedules.gemv_mma", "gemm": "schedules.gemm",
+             "wgmma": "schedules.gemm_wgmma",
              "cpu": "schedules.cpu"}
 DEFAULT_DIR = Path(os.environ.get("NIBBLE_TUNING_LOGS", Path(__file__).resolve().parents[1] / "tuning_logs"))
 PREFILL_M = 512  # token count the unbounded GEMM copy is tuned at (bucket copies: at their bound)
@@ -52,7 +53,7 @@ L2_BYTES = 60 << 20  # H200/H100 L2; tuning measurements rotate more weight byte
 class Task:
     key: str  # stable name: "<kernel>:<kind>[:<rows>]" (rows: the token bucket of a bounded copy)
     func: object  # tirx.PrimFunc (symbolic m)
-    kind: str  # "gemv" | "mma" | "gemm" | "cpu"
+    kind: str  # "gemv" | "mma" | "gemm" | "wgmma" | "cpu"
     m: int  # token count measured at
     calls: int = 1  # how often one model run calls it (its weight in the ETA and summary)
 
@@ -104,10 +105,10 @@ def extract_tasks(mod, spec: dict) -> list[Task]:
         base = base_name(gv.name_hint)
         n = calls.get(base + "_dispatch", calls.get(gv.name_hint, 1))
         rows = int(func.attrs[ROWS_ATTR]) if ROWS_ATTR in func.attrs else None
-        if kind in ("gemv", "mma", "gemm") and rows is not None:
+        if kind in ("gemv", "mma", "gemm", "wgmma") and rows is not None:
             tasks.append(Task(f"{base}:{kind}:{rows}", func, kind, rows, n))
-        elif kind == "gemm":
-            tasks.append(Task(f"{base}:gemm", func, kind, PREFILL_M, n))
+        elif kind in ("gemm", "wgmma"):
+            tasks.append(Task(f"{base}:{kind}", func, kind, PREFILL_M, n))
         else:
             tasks.append(Task(f"{base}:cpu", func, kind, CPU_M, n))
     return sorted(tasks, key=lambda t: t.key)

@@ -9,6 +9,7 @@ def gpu_rules(target) -> list:
     from tvm.s_tir import dlight as dl
 
     from .gemm import GEMM
+    from .gemm_wgmma import GEMMWGMMA
     from .gemv import GEMV
     from .gemv_mma import GEMVMMA
     from .injective import Injective
@@ -16,6 +17,7 @@ def gpu_rules(target) -> list:
     return [
         GEMVMMA(),  # small-m ("mma") copies made by compiler/dispatch.py: tensor-core decode GEMV
         GEMV(),  # small-m ("gemv") copies: CUDA-core GEMV; None for anything else
+        GEMMWGMMA(),  # the unbounded ("wgmma") copy on Hopper: wgmma with the int4 weight as A
         GEMM(),  # the big-m ("gemm") copy: tensor-core int4 GEMM; None if the shape does not tile
         dl.gpu.Matmul(),
         dl.gpu.GEMV(),

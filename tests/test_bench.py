@@ -65,7 +65,7 @@ def test_bench_on_the_gpu(tmp_path, capsys):
     assert "GB/s" in out and "cuBLAS" in out
     res = json.loads((tmp_path / "bench.json").read_text())
     assert [r["m"] for r in res["rows"]] == [1, 16, 200]
-    assert [r["kernel"] for r in res["rows"]] == ["mma8", "mma16", "gemm256"]
+    assert [r["kernel"] for r in res["rows"]] == ["mma8", "mma16", "wgmma256"]
     for r in res["rows"]:
         assert r["rel_err"] < 2e-3 and r["nibble_us"] > 0 and r["cublas_us"] > 0 and r["copy_us"] > 0
     assert _read_png(tmp_path / "roofline.png").shape == (plot.H, plot.W, 3)

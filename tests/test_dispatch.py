@@ -7,8 +7,8 @@ import pytest
 import tvm
 from tvm import relax, te, tirx
 
-from compiler.dispatch import (BUCKETS, FALLBACK_ROUTES, KERNEL_ATTR, ROUTES, ROWS_ATTR, dispatch_small_m,
-                               kernel_for, routes_for)
+from compiler.dispatch import (BUCKETS, DECODE, DECODE_FALLBACK, FALLBACK_ROUTES, KERNEL_ATTR, MIDDLE, PREFILL,
+                               PREFILL_FALLBACK, ROUTES, ROWS_ATTR, dispatch_small_m, kernel_for, routes_for)
 from compiler.int4_kernel import ATTR
 from compiler.int4_pass import quantize_linears
 
@@ -39,9 +39,13 @@ TILED = (256, 128)  # (K, N) our GEMM tiles on sm_90: it gets the GEMM bucket co
 def test_routes_for_picks_the_tensor_core_gemv_where_it_takes_the_shape():
     spec = {"n": 4096, "k": 4096, "group_size": 128, "x_dtype": "float16"}
     assert routes_for(spec, "sm_90") == ROUTES and routes_for(spec, "sm_75") == FALLBACK_ROUTES
-    assert routes_for({**spec, "group_size": 64}, "sm_90") == FALLBACK_ROUTES
+    g64 = routes_for({**spec, "group_size": 64}, "sm_90")  # 64-k groups: the wgmma GEMM, not the mma GEMV
+    assert g64 == DECODE_FALLBACK + MIDDLE + PREFILL
+    assert routes_for(spec, "sm_80") == DECODE + MIDDLE + PREFILL_FALLBACK  # wgmma is Hopper-only
     assert routes_for(spec, None) == FALLBACK_ROUTES
     assert kernel_for(1) == "mma8" and kernel_for(1, FALLBACK_ROUTES) == "gemv1"
+    assert kernel_for(200) == "wgmma256" and kernel_for(1000) == "wgmma1024" and kernel_for(1025) == "wgmma"
+    assert kernel_for(200, FALLBACK_ROUTES) == "gemm256" and kernel_for(257, FALLBACK_ROUTES) == "gemm"
 
 
 def test_dispatch_structure():
@@ -62,17 +66,17 @@ def test_dispatch_structure():
 
 
 def test_dispatch_structure_with_gemm_buckets():
-    """A shape both the tensor-core GEMV and our GEMM take: one copy per ROUTES entry + the unbounded one,
-    each tagged with its bound."""
+    """A shape the tensor-core GEMV, our GEMM and the wgmma GEMM take: one copy per ROUTES entry (the
+    last, unbounded, is the wgmma one), each tagged with its bound."""
     mod = dispatch_small_m(_linear_module(*TILED)[0], arch="sm_90")
     kinds = sorted((str(f.attrs[KERNEL_ATTR]), int(f.attrs[ROWS_ATTR]) if ROWS_ATTR in f.attrs else 0)
                    for f in _prim_funcs(mod).values())
-    assert kinds == sorted([(kind, r) for r, kind in ROUTES] + [("gemm", 0)])
-    assert {kind for _, kind in ROUTES} == {"mma", "gemm"}  # the test means something
+    assert kinds == sorted((kind, r or 0) for r, kind in ROUTES)
+    assert {kind for _, kind in ROUTES} == {"mma", "gemm", "wgmma"}  # the test means something
     text = mod.script()
-    assert all(f"if m <= {r}:" in text for r, _ in ROUTES)
+    assert all(f"if m <= {r}:" in text for r, _ in ROUTES if r is not None)
     names = sorted(_prim_funcs(mod))
-    assert all(any(n.endswith(f"_{kind}{r}") for n in names) for r, kind in ROUTES)
+    assert all(any(n.endswith(f"_{kind}{r or ''}") for n in names) for r, kind in ROUTES)
 
 
 def _marker_kernel(like: tirx.PrimFunc, value: float) -> tirx.PrimFunc:
@@ -131,7 +135,7 @@ def test_dispatch_picks_kernel_by_m_at_run_time(m_val):
 def test_built_module_launches_the_routed_bucket_copy():
     """The real CUDA build through build.py: name the kernels the GPU runs (torch's CUPTI profiler): the
     tensor-core GEMV at m=1 and 16, the split-K GEMM bucket (its kernel + the reduction kernel) at 32 and
-    200, and the unbounded GEMM at 1000."""
+    200, and the unbounded wgmma GEMM at 1000."""
     import torch
 
     from compiler.build import build_module

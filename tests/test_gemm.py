@@ -101,7 +101,7 @@ def test_gemm_rule_emits_tensor_core_code(built):
     _, src = built
     spec = resolve("cuda", "sm_90")
     mod, _ = prepare(_module(), spec)
-    copies = [f"gemm{r}" for r, kind in ROUTES if kind == "gemm"] + ["gemm"]
+    copies = [f"gemm{r}" for r, kind in ROUTES if kind == "gemm"]  # the unbounded copy: wgmma (sm_90)
     for name in LINEARS:  # every gemm copy is ours (none falls through to dlight)
         for copy in copies:
             assert GEMM().apply(mod[f"int4_{name}_{copy}"], tvm_target(spec), False) is not None, (name, copy)
@@ -114,7 +114,7 @@ def test_gemm_rule_emits_tensor_core_code(built):
 def test_split_k_for_few_tokens_not_for_the_unbounded_copy(built):
     """The smallest GEMM bucket (gemm32 where the tensor-core GEMV serves m <= 16, else gemm16): 16- or
     32-row tiles (4 warps), K over blockIdx.z, fp32 partials to the workspace, and a second kernel that
-    sums them, adds the bias and rounds; the unbounded copy: one kernel straight to y."""
+    sums them, adds the bias and rounds; the unbounded copy (the wgmma GEMM on sm_90): one kernel."""
     from compiler.dispatch import routes_for
     from schedules.gemm import DEFAULTS, plan
 
@@ -134,9 +134,9 @@ def test_split_k_for_few_tokens_not_for_the_unbounded_copy(built):
         reduce = _kernel_source(src, f"int4_{name}_gemm{rows}_kernel_1")
         assert "ws_ptr" in reduce and "y_ptr" in reduce and ("bias_ptr" in reduce) == bias
         assert "mma.sync" not in reduce and "*(float4*)(ws_ptr" in reduce  # 16-byte partial loads
-        whole = _kernel_source(src, f"int4_{name}_gemm_kernel")
-        assert "blockIdx.z" not in whole and "ws_ptr" not in whole and "y_ptr" in whole
-        assert f"int4_{name}_gemm_kernel_1" not in src
+        whole = _kernel_source(src, f"int4_{name}_wgmma_kernel")  # the unbounded copy, on Hopper
+        assert "blockIdx.z" not in whole and "ws_ptr" not in whole and "nb_wgmma_" in whole
+        assert f"int4_{name}_gemm_kernel" not in src
     assert smallest == {"main": 32, "asym_bias": 16}  # group 64: no tensor-core GEMV, gemm16 serves 5..16
     # the short K (8 steps of 64) splits in 2 at most: every slice fills the 4-stage ring's prologue
     assert "blockIdx.z" in _kernel_source(src, "int4_asym_bias_gemm16_kernel")

@@ -144,7 +144,7 @@ def test_tuning_starts_from_the_templates_arch_default():
     from compiler.quantize import QuantConfig
     from compiler.target import tvm_target
     from compiler.tuning import Task
-    from schedules import gemm, gemv_mma
+    from schedules import gemm, gemm_wgmma, gemv_mma
 
     cuda = resolve("cuda", "sm_90")
     task = Task("k:gemm", int4_matmul_func(256, 256, QuantConfig()), "gemm", 512)
@@ -154,7 +154,7 @@ def test_tuning_starts_from_the_templates_arch_default():
 def test_gemm_bucket_copies_are_tasks_of_their_own():
     """Each bucket copy of the dispatch is a task measured at its bound, whose baseline is its own config
     (GEMM: its tile, 32 rows for m <= 32, ...; tensor-core GEMV: its default by N and token tiles); the
-    unbounded copy keeps the large tile at PREFILL_M."""
+    unbounded copy (the wgmma GEMM on sm_90) is measured at PREFILL_M with its per-arch default."""
     import tvm
     from tvm import relax
 
@@ -163,7 +163,7 @@ def test_gemm_bucket_copies_are_tasks_of_their_own():
     from compiler.quantize import QuantConfig
     from compiler.target import tvm_target
     from compiler.tuning import PREFILL_M, Task
-    from schedules import gemm, gemv_mma
+    from schedules import gemm, gemm_wgmma, gemv_mma
 
     cuda = resolve("cuda", "sm_90")
     bb = relax.BlockBuilder()
@@ -178,14 +178,18 @@ def test_gemm_bucket_copies_are_tasks_of_their_own():
         bb.emit_func_output(y)
     tasks = {t.key: t for t in extract_tasks(dispatch_small_m(bb.get(), arch="sm_90"), cuda)}
     arch = gemm.config_for(tvm_target(cuda))
-    for rows, kind in ROUTES:
+    for rows, kind in ROUTES[:-1]:
         task = tasks[f"k:{kind}:{rows}"]
         assert task.m == rows and task.calls == 1
         if kind == "gemm":
             assert task.default(cuda) == vars(gemm.tile_for(arch, 256, rows))
+        elif kind == "wgmma":
+            assert task.default(cuda) == vars(gemm_wgmma.default_for(gemm_wgmma.DEFAULTS["sm_90"], 256, rows))
         else:
             assert task.default(cuda) == vars(gemv_mma.default_for(gemv_mma.config_for(tvm_target(cuda)), 256, rows))
     assert tasks["k:gemm:32"].default(cuda)["block_m"] == 32
     assert tasks["k:mma:8"].default(cuda) != tasks["k:mma:16"].default(cuda)  # one vs two token tiles
-    assert tasks["k:gemm"].m == PREFILL_M and tasks["k:gemm"].default(cuda) == vars(arch.large)
+    assert ROUTES[-1] == (None, "wgmma") and "k:gemm" not in tasks
+    assert tasks["k:wgmma"].m == PREFILL_M and tasks["k:wgmma"].default(cuda) == vars(gemm_wgmma.Config())
+    assert tasks["k:wgmma:256"].default(cuda)["warpgroups"] == 1  # 64-row tiles for few tokens
     assert all(isinstance(t, Task) for t in tasks.values())

@@ -1,0 +1,122 @@
+"""What limits the wgmma GEMM (schedules/gemm_wgmma.py): time it with one part of its work removed at a time.
+
+    python benchmarks/wgmma_ablation.py [--out DIR]
+
+Each variant edits the generated CUDA of the default kernel (results are wrong on purpose; only the time
+means something): no_decode feeds the packed words to wgmma undecoded, no_wgmma replaces the tensor-core
+instructions by one FADD, no_x drops the copies of x into shared memory, no_sync drops the per-k-block
+barrier, no_store drops the epilogue's stores. If removing a part barely moves the time, that part is
+not what limits the kernel. Weights rotate past the L2 as in bench_linear.py; CUDA-graph medians.
+Writes wgmma_ablation.json / .md to --out.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+CASES = [(4096, 4096, 2048), (4096, 22016, 2048), (4096, 4096, 512)]  # (K, N, M)
+_WGMMA = re.compile(r'asm volatile\("wgmma\.mma_async.*?: "memory"\);', re.S)
+ABLATIONS = {
+    "full": lambda s: s,
+    "no_decode": lambda s: re.sub(r"nbw_dq\(([^,]+), sel, [^;]*\);", r"\1;", s),
+    "no_wgmma": lambda s: _WGMMA.sub("acc[s] += __uint_as_float(ab[mt * 16 + 4 * s] ^ ab[4 * s + 3]) + (float)desc;",
+                                     s),
+    "no_x": lambda s: s.replace("nbw_cp16(st + n * 128", "if (0) nbw_cp16(st + n * 128"),
+    "no_sync": lambda s: s.replace("    __syncthreads();\n    if (kb + S - 2", "    if (kb + S - 2"),
+    "no_store": lambda s: s.replace("if (tok < m) {", "if (tok < 0) {"),
+}
+
+
+def parse_config(text):
+    """"t256w2m1s4" -> gemm_wgmma.Config (tokens, warpgroups, m_tiles, stages)."""
+    from schedules.gemm_wgmma import Config
+
+    t, w, mt, s = map(int, re.fullmatch(r"t(\d+)w(\d+)m(\d+)s(\d+)", text).groups())
+    return Config(tokens=t, warpgroups=w, m_tiles=mt, stages=s)
+
+
+def build(k, n, ablation, out_dir, config="t256w2m1s4"):
+    import tvm
+
+    from compiler.cuda import ensure_cuda_runtime, register_nvcc_callback
+    from compiler.int4_kernel import int4_matmul_func
+    from compiler.quantize import QuantConfig
+    from compiler.target import resolve, tvm_target
+    from schedules import gemm_wgmma
+
+    ensure_cuda_runtime()
+    register_nvcc_callback("sm_90")
+    orig = gemm_wgmma.kernel_source
+
+    def edited(attrs, cfg):
+        name, src = orig(attrs, cfg)
+        new = ABLATIONS[ablation](src)
+        assert ablation == "full" or new != src, ablation
+        return name, new
+
+    gemm_wgmma.kernel_source = edited
+    try:
+        attrs = dict(int4_matmul_func(n, k, QuantConfig(128)).attrs["nibble.int4"])
+        func = gemm_wgmma.gemm_wgmma_func(attrs, parse_config(config))
+    finally:
+        gemm_wgmma.kernel_source = orig
+    lib = tvm.compile(tvm.IRModule({"main": func}), target=tvm_target(resolve("cuda", "sm_90")))
+    path = str(Path(out_dir) / f"{ablation}_{config}_{k}_{n}.so")
+    lib.export_library(path)
+    return path
+
+
+def main():
+    import torch
+    import tvm
+
+    from bench_linear import ROTATE_BYTES, graph_time, random_weights
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--out", default=".")
+    ap.add_argument("--configs", default="t256w2m1s4", help="comma-separated configs, e.g. t128w2m2s4")
+    args = ap.parse_args()
+    tmp = tempfile.mkdtemp()
+    rows = []
+    for (k, n, m), config in [(c, cfg) for c in CASES for cfg in args.configs.split(",")]:
+        parts, _, _ = random_weights(n, k)
+        q, sc = parts["qweight"], parts["scales"]
+        copies = max(2, math.ceil(ROTATE_BYTES / (q.numel() * 4)))
+        ws = [(q.clone(), sc.clone()) for _ in range(copies)]
+        x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+        y = torch.empty(m, n, device="cuda", dtype=torch.float16)
+        w16 = [torch.randn(n, k, device="cuda", dtype=torch.float16) for _ in range(2)]
+        t_cublas = graph_time([lambda w=w: torch.nn.functional.linear(x, w) for w in w16 * 12], torch)
+        row = {"K": k, "N": n, "M": m, "config": config, "cublas_us": t_cublas * 1e6}
+        for ab in ABLATIONS:
+            f = tvm.runtime.load_module(build(k, n, ab, tmp, config))["gemm_wgmma"]
+            t = tvm.runtime.from_dlpack
+            args_ = [(t(x), t(a), t(b), t(y)) for a, b in ws]
+            row[ab] = graph_time([lambda a=a: f(*a) for a in (args_ * 24)[:24]], torch) * 1e6
+        rows.append(row)
+        print(row, flush=True)
+    meta = {"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+            "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")}
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "wgmma_ablation.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    md = [f"# wgmma GEMM ablation on {meta['device']} ({meta['date']}, torch {meta['torch']})", "",
+          "us per call (config: tokens t, warpgroups w, m-tiles m, stages s); each column removes one part "
+          "of the kernel's work", "",
+          "| K->N | M | config | cuBLAS | " + " | ".join(ABLATIONS) + " |", "|" + "---|" * (len(ABLATIONS) + 4)]
+    md += [f"| {r['K']}->{r['N']} | {r['M']} | {r['config']} | {r['cublas_us']:.1f} | "
+           + " | ".join(f"{r[a]:.1f}" for a in ABLATIONS) + " |" for r in rows]
+    (out / "wgmma_ablation.md").write_text("\n".join(md) + "\n")
+
+
+if __name__ == "__main__":
+    main()

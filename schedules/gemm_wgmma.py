@@ -1,0 +1,379 @@
+"""Prefill-time (many tokens) schedule for the fused int4 matmul on Hopper: wgmma with W in registers.
+
+Recognizes the copies of the "nibble.int4" PrimFunc that compiler/dispatch.py tagged
+`"nibble.kernel" = "wgmma"` (the unbounded copy for the largest m on sm_90); anything else, or a shape
+the kernel does not take (see `takes`), returns None.
+
+Why: schedules/gemm.py runs mma.sync, which on an H200 tops out near half of what the tensor cores
+give to wgmma (warpgroup MMA, sm_90a), the instruction cuBLAS uses there: gemm.py reaches ~300 TFLOP/s
+at 2048 tokens, cuBLAS fp16 ~750. Here the product is computed transposed, Y^T = W X^T, so that the
+int4 weight is wgmma's A operand, which may come from registers (`wgmma ... {a0..a3}, descB`): each
+warpgroup dequantizes its 64 rows x 16 k of W straight into the A fragment, and x, read once per block
+into shared memory, is B through a shared-memory descriptor. This is the layout of vLLM's Machete; as
+here, its x never round-trips through registers.
+
+Per thread block: WG warpgroups (128 threads each) own 64 W rows each (BN = 64 WG rows of N), all on
+the same BT tokens (BT = wgmma's n, <= 256, so one instruction covers the token tile); K is walked in
+64-k blocks through an S-stage cp.async ring in shared memory:
+  * x tile: BT token rows x 128 B (64 fp16 k), in wgmma's canonical K-major 128 B-swizzled layout
+    (16 B chunk c of row n at n * 128 + (c ^ n % 8) * 16, 1 KiB-aligned atoms); rows past m are
+    zero-filled by cp.async (src-size 0). The descriptor: start address, stride 1 KiB between 8-row
+    groups, swizzle mode 128 B; the 4 k16 steps of a block add 32 B to the start address.
+  * W tile: BN rows x 32 B of packed words (8 words = 64 k per row), one 16 B cp.async per thread.
+  * A fragment (the mma.sync m16n8k16 A layout, per warp 16 rows): lane (r = lane / 4, t = lane % 4)
+    holds rows r, r + 8 at k 2t, 2t+1 and 2t+8, 2t+9 of the k16 step: byte t of the step's two words.
+    A byte-permute puts byte t in both fp16 halves, one LOP3 masks (lo, 16 hi) and ORs the 0x6400
+    magic, one HFMA2 (* (1, 1/16) - (1024 + z, 64 + z)) gives the exact (lo - z, hi - z), one HMUL2 the
+    group scale: the PrimFunc's fp16 (q - z) * s, bit for bit. 4 instructions per 2 weights, each
+    weight then used by BT tokens.
+  * pipeline: per 64-k block, wait for its copies, fence the async proxy (wgmma reads what cp.async
+    wrote), one barrier, issue the copies of the block S - 2 ahead, decode this block's 4 A fragments
+    (into one of two register buffers), issue its 4 wgmmas and commit them, then wait until only these
+    are in flight: the previous block's wgmmas overlap this block's barrier and decode. The barrier of
+    the next block then proves every warpgroup is done with the ring slot the next copies overwrite.
+  * epilogue: accumulators (fp32; lane holds rows r, r + 8 x tokens 8i + 2t, 8i + 2t + 1) + bias,
+    rounded to fp16, stored for tokens < m.
+Accumulation is fp32 throughout. Knobs in Config, per-arch defaults in DEFAULTS (by token bucket and
+N); `nibble tune` searches SPACE. The kernel body is CUDA (a helper called from a one-statement TIR
+launch), as the asm operands of wgmma (BT / 2 accumulator registers) have no TIR spelling. nvcc
+builds it for sm_90a (compiler/cuda.py).
+
+Measured on the H200 (benchmarks/results/README.md): 0.82-0.87x cuBLAS fp16 at 2048 tokens (~600-650
+TFLOP/s, 2x the mma.sync GEMM), 0.52-0.64x at 200. Not yet: a warp-specialized producer with
+mbarriers (the loads and the decode overlap the wgmmas only in part: h200_wgmma_ablation.md), stores
+through shared memory, a persistent grid, a K split for few blocks.
+"""
+from __future__ import annotations
+
+import dataclasses
+from string import Template
+
+from .template import ATTR, ROWS_ATTR, TemplateRule
+
+BK = 64  # k per ring stage: one 128 B swizzle atom of fp16 x per token row
+VERSION = 1  # bump when the kernel changes meaning: tuning records of other versions are ignored
+
+
+@dataclasses.dataclass(frozen=True)
+class Config:
+    tokens: int = 256  # BT: tokens per block = wgmma n (multiple of 8, <= 256); BT / 2 fp32 acc per thread
+    warpgroups: int = 2  # WG: warpgroups per block (they share the x tile)
+    m_tiles: int = 1  # MT: 64-row tiles per warpgroup (BN = 64 WG MT W rows per block: x is read once per
+    # BN rows, so more rows per block means less x traffic; MT BT / 2 fp32 accumulators per thread)
+    stages: int = 4  # S: cp.async ring depth; S - 2 blocks of 64 k in flight beyond the one computed
+
+    @property
+    def rows(self) -> int:
+        return 64 * self.warpgroups * self.m_tiles
+
+    def check(self) -> str | None:
+        if self.tokens % 8 or not 8 <= self.tokens <= 256:
+            return "tokens must be a multiple of 8 in [8, 256] (wgmma n)"
+        if self.warpgroups not in (1, 2, 3, 4) or self.m_tiles not in (1, 2):
+            return "warpgroups must be 1..4, m_tiles 1 or 2"
+        if self.stages < 3:
+            return "stages must be >= 3"
+        regs = self.m_tiles * (self.tokens // 2 + 32) + 40  # accumulators, two A buffers, the rest
+        if regs > 255 or self.warpgroups * 128 * regs > 65536:
+            return "accumulators exceed the register file"
+        return None
+
+    def smem_bytes(self) -> int:
+        return self.stages * (self.tokens * 128 + self.rows * 32) + 1024  # + alignment slack
+
+
+@dataclasses.dataclass(frozen=True)
+class ArchConfig:
+    """Per-arch defaults: by the copy's token bound R (compiler/dispatch.py; None = unbounded) and N, the
+    Config: ((max R, ((max N, Config), ...)), ...), both by increasing bound."""
+
+    by_rows: tuple
+
+
+# H200 (bench_linear.py --candidates, WGMMA_VARIANTS; h200_bench_linear_wgmma_candidates.md), us:
+#  * m <= 256: 64 W rows per block, so ~200 tokens still make >= 128 blocks: at m = 200 4096->4096
+#    26.7-27.2 us vs 53.8 (t256w2), 11008->4096 68.8 (t64) vs 137.0; N >= 12288 fills the SMs with
+#    128-token tiles (55.3 vs 69.9 with t64 on 4096->12288).
+#  * m <= 1024: N = 4096 wants 128-token tiles (m = 512: 38.6 vs 52.4 us, 11008->4096 95.1 vs 132.6),
+#    wider N the 256-token, 128-row tile (4096->22016: 175.1 vs 243.8).
+#  * larger m: 256 tokens x 128 rows (m = 2048: 116.8 us on 4096->4096 vs 161 with 128 tokens).
+_BIG = Config()
+_H200 = ArchConfig(by_rows=((256, ((4096, Config(tokens=64, warpgroups=1)), (1 << 30, Config(tokens=128, warpgroups=1)))),
+                            (1024, ((4096, Config(tokens=128)), (1 << 30, _BIG))),
+                            (1 << 30, ((1 << 30, _BIG),))))
+DEFAULTS = {"sm_90": _H200}
+
+
+def default_for(arch: ArchConfig, n: int, rows: int | None) -> Config:
+    """The untuned Config of the copy serving m <= rows (None: unbounded) of an N-feature linear."""
+    by_n = next(e for r, e in arch.by_rows if (rows if rows is not None else 1 << 30) <= r)
+    return next(c for max_n, c in by_n if n <= max_n)
+
+
+SPACE = {"tokens": (64, 128, 192, 256), "warpgroups": (1, 2), "m_tiles": (1, 2), "stages": (3, 4, 5)}
+MAX_SMEM = 227 * 1024
+
+
+def takes(attrs: dict, arch: str | None, cfg: Config | None = None) -> bool:
+    """Whether this kernel can serve the int4 spec on arch: sm_90 (wgmma is sm_90a-only), fp16 x, whole
+    128-k pairs of ring stages inside whole groups, whole 64 WG-row blocks."""
+    cfg = cfg or Config(warpgroups=1)  # the narrowest tile: any config the shape allows
+    n, k, g = int(attrs["n"]), int(attrs["k"]), int(attrs["group_size"])
+    return (arch == "sm_90" and str(attrs["x_dtype"]) == "float16" and k % (2 * BK) == 0
+            and g % BK == 0 and n % cfg.rows == 0 and cfg.check() is None
+            and cfg.smem_bytes() <= MAX_SMEM and k // BK >= cfg.stages)
+
+
+_COMMON = r"""
+#ifndef NB_WGMMA_COMMON
+#define NB_WGMMA_COMMON
+__forceinline__ __device__ unsigned nbw_smem(const void* p) { return (unsigned)__cvta_generic_to_shared(p); }
+__forceinline__ __device__ void nbw_cp16(unsigned dst, const void* src, int bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;" :: "r"(dst), "l"(src), "r"(bytes) : "memory");
+}
+__forceinline__ __device__ void nbw_commit() { asm volatile("cp.async.commit_group;" ::: "memory"); }
+template <int N> __forceinline__ __device__ void nbw_wait() {
+  asm volatile("cp.async.wait_group %0;" :: "n"(N) : "memory");
+}
+__forceinline__ __device__ void nbw_lds128(unsigned a, unsigned* w) {
+  asm volatile("ld.shared.v4.u32 {%0, %1, %2, %3}, [%4];"
+               : "=r"(w[0]), "=r"(w[1]), "=r"(w[2]), "=r"(w[3]) : "r"(a) : "memory");
+}
+// byte `sel` picks of w -> fp16 pair ((lo - z) * s, (hi - z) * s); add = -(1024 + z, 64 + z)
+__forceinline__ __device__ unsigned nbw_dq(unsigned w, unsigned sel, half2 add, half2 s) {
+  const half2 mul = __halves2half2(__float2half(1.f), __float2half(0.0625f));
+  unsigned v = (__byte_perm(w, 0u, sel) & 0x00F0000Fu) | 0x64006400u;
+  half2 h = __hmul2(__hfma2(*reinterpret_cast<half2*>(&v), mul, add), s);
+  return *reinterpret_cast<unsigned*>(&h);
+}
+__forceinline__ __device__ unsigned long long nbw_desc(unsigned addr) {
+  // K-major, 128 B swizzle (layout type 1 in bits 62-63), stride 1 KiB between 8-row groups
+  return (1ull << 62) | (64ull << 32) | (1ull << 16) | (unsigned long long)((addr >> 4) & 0x3FFF);
+}
+#endif
+"""
+
+_BODY = Template(r"""
+__forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned* __restrict__ qw,
+    const half* __restrict__ sc, const half* __restrict__ zr, const half* __restrict__ bias,
+    half* __restrict__ y, unsigned char* smem, long long m, int bx, int by, int tid) {
+  constexpr int K = $K, N = $N, G = $G, NG = K / G, KW = K / 8, KB = K / 64, BT = $BT, WG = $WG, MT = $MT;
+  constexpr int S = $S, BN = 64 * WG * MT, THREADS = 128 * WG, XST = BT * 128, STAGE = XST + BN * 32;
+  const unsigned base = (nbw_smem(smem) + 1023u) & ~1023u;  // 1 KiB-aligned swizzle atoms
+  const int warp = tid / 32, lane = tid % 32, r = lane / 4, t = lane % 4;
+  // this lane's rows in the block, per m-tile mt: lrow + 64 mt and lrow + 64 mt + 8
+  const int lrow = warp / 4 * (64 * MT) + warp % 4 * 16 + r;
+  const long long row0 = (long long)bx * BN + lrow;
+  const long long tok0 = (long long)by * BT;
+  auto load = [&](int kb) {
+    const unsigned st = base + (kb % S) * STAGE;
+#pragma unroll
+    for (int i = 0; i < (BT * 8 + THREADS - 1) / THREADS; ++i) {
+      const int c = tid + i * THREADS, n = c / 8, ch = c % 8;
+      if ((BT * 8) % THREADS == 0 || c < BT * 8) {
+        const bool ok = tok0 + n < m;
+        nbw_cp16(st + n * 128 + ((ch ^ (n & 7)) << 4), x + (ok ? tok0 + n : 0) * K + kb * 64 + ch * 8,
+                 ok ? 16 : 0);
+      }
+    }
+#pragma unroll
+    for (int i = 0; i < MT; ++i) {  // BN rows x 2 chunks = MT per thread
+      const int c = tid + i * THREADS, wr = c / 2, wc = c % 2;
+      nbw_cp16(st + XST + wr * 32 + wc * 16, qw + ((long long)bx * BN + wr) * KW + kb * 8 + wc * 4, 16);
+    }
+  };
+  float acc[MT * BT / 2];
+#pragma unroll
+  for (int i = 0; i < MT * BT / 2; ++i) acc[i] = 0.f;
+  unsigned a[2][MT * 16];
+  const unsigned sel = t | 0x40u | (t << 8) | 0x4000u;  // bytes [b_t, 0, b_t, 0]
+#pragma unroll
+  for (int kb = 0; kb < S - 2; ++kb) {
+    load(kb);
+    nbw_commit();
+  }
+  half2 s0[MT], s8[MT], z0[MT], z8[MT];
+  half q0[MT], q8[MT], e0[MT], e8[MT];  // the group's raw scales / zeros, loaded before the barrier
+  auto step = [&](int kb, unsigned* ab) {
+    const bool new_group = kb % (G / 64) == 0;
+    if (new_group) {
+      const int gi = kb * 64 / G;
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        const long long ra = row0 + 64 * mt, rb = ra + 8;
+        q0[mt] = sc[ra * NG + gi];
+        q8[mt] = sc[rb * NG + gi];
+        e0[mt] = $Z0;
+        e8[mt] = $Z8;
+      }
+    }
+    nbw_wait<S - 3>();
+    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    __syncthreads();
+    if (kb + S - 2 < KB) load(kb + S - 2);
+    nbw_commit();
+    const unsigned st = base + (kb % S) * STAGE;
+    unsigned w0[MT][8], w8[MT][8];  // this lane's two rows' 8 words per m-tile
+#pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const unsigned wa = st + XST + (lrow + 64 * mt) * 32;
+      nbw_lds128(wa, w0[mt]);
+      nbw_lds128(wa + 16, w0[mt] + 4);
+      nbw_lds128(wa + 8 * 32, w8[mt]);
+      nbw_lds128(wa + 8 * 32 + 16, w8[mt] + 4);
+      if (new_group) {  // -(1024 + z, 64 + z): see nbw_dq
+        s0[mt] = __half2half2(q0[mt]);
+        s8[mt] = __half2half2(q8[mt]);
+        z0[mt] = __halves2half2(__hneg(__hadd(e0[mt], __float2half(1024.f))), __hneg(__hadd(e0[mt], __float2half(64.f))));
+        z8[mt] = __halves2half2(__hneg(__hadd(e8[mt], __float2half(1024.f))), __hneg(__hadd(e8[mt], __float2half(64.f))));
+      }
+    }
+    auto decode = [&](int s) {  // the A fragments of k16 step s
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        ab[mt * 16 + 4 * s + 0] = nbw_dq(w0[mt][2 * s], sel, z0[mt], s0[mt]);
+        ab[mt * 16 + 4 * s + 1] = nbw_dq(w8[mt][2 * s], sel, z8[mt], s8[mt]);
+        ab[mt * 16 + 4 * s + 2] = nbw_dq(w0[mt][2 * s + 1], sel, z0[mt], s0[mt]);
+        ab[mt * 16 + 4 * s + 3] = nbw_dq(w8[mt][2 * s + 1], sel, z8[mt], s8[mt]);
+      }
+    };
+    // All four steps decoded before the first wgmma: decoding each step right before its wgmma (one
+    // wgmma.fence per step) ran 1.1x slower on the H200 (h200_wgmma_ablation.md).
+#pragma unroll
+    for (int s = 0; s < 4; ++s) decode(s);
+    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+#pragma unroll
+    for (int s = 0; s < 4; ++s) {
+      const unsigned long long desc = nbw_desc(st + 32 * s);
+#pragma unroll
+      for (int mt = 0; mt < MT; ++mt) {
+        asm volatile($WGMMA);
+      }
+    }
+    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+    asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+  };
+  for (int kb = 0; kb < KB; kb += 2) {  // two register buffers: constant indices keep them registers
+    step(kb, a[0]);
+    step(kb + 1, a[1]);
+  }
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+#pragma unroll
+  for (int i = 0; i < MT * BT / 2; ++i) asm volatile("" : "+f"(acc[i]) :: "memory");
+#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const long long ra = row0 + 64 * mt, rb = ra + 8;
+    const float b0 = $B0, b8 = $B8;
+#pragma unroll
+    for (int i = 0; i < BT / 8; ++i) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const long long tok = tok0 + 8 * i + 2 * t + e;
+        if (tok < m) {
+          y[tok * N + ra] = __float2half(acc[mt * (BT / 2) + 4 * i + e] + b0);
+          y[tok * N + rb] = __float2half(acc[mt * (BT / 2) + 4 * i + 2 + e] + b8);
+        }
+      }
+    }
+  }
+}
+""")
+
+
+def _wgmma_asm(bt: int) -> str:
+    """The asm statement (string and operands) of one m64n{bt}k16 wgmma on m-tile mt: acc += A(regs) x
+    B(desc)."""
+    nd = bt // 2
+    regs = ", ".join(f"%{i}" for i in range(nd))
+    text = (f'"wgmma.mma_async.sync.aligned.m64n{bt}k16.f32.f16.f16 {{{regs}}}, '
+            f'{{%{nd}, %{nd + 1}, %{nd + 2}, %{nd + 3}}}, %{nd + 4}, 1, 1, 1, 0;"')
+    outs = ", ".join(f'"+f"(acc[mt * {nd} + {i}])' for i in range(nd))
+    ins = ", ".join(f'"r"(ab[mt * 16 + 4 * s + {j}])' for j in range(4)) + ', "l"(desc)'
+    return f'{text}\n      : {outs}\n      : {ins} : "memory"'
+
+
+def kernel_source(attrs: dict, cfg: Config) -> tuple[str, str]:
+    """(helper name, CUDA source) of the kernel body for one int4 spec and config."""
+    n, k, g = int(attrs["n"]), int(attrs["k"]), int(attrs["group_size"])
+    sym, bias = bool(attrs["symmetric"]), bool(attrs["has_bias"])
+    name = (f"nb_wgmma_n{n}_k{k}_g{g}_t{cfg.tokens}_w{cfg.warpgroups}_m{cfg.m_tiles}_s{cfg.stages}"
+            f"{'' if sym else '_z'}{'_b' if bias else ''}")
+    zero = "__float2half(8.f)" if sym else None
+    body = _BODY.substitute(
+        NAME=name, K=k, N=n, G=g, BT=cfg.tokens, WG=cfg.warpgroups, MT=cfg.m_tiles, S=cfg.stages, WGMMA=_wgmma_asm(cfg.tokens),
+        Z0=zero or "zr[ra * NG + gi]", Z8=zero or "zr[rb * NG + gi]",
+        B0="__half2float(bias[ra])" if bias else "0.f", B8="__half2float(bias[rb])" if bias else "0.f")
+    return name, _COMMON + body
+
+
+_KERNEL = Template('''
+@T.prim_func
+def gemm_wgmma(x_h: T.handle, qweight: T.Buffer((T.int64($N), T.int64($KW)), "uint32"),
+               scales: T.Buffer((T.int64($N), T.int64($NG)), "float16"),$EXTRA y_h: T.handle):
+    T.func_attr({"tirx.noalias": True})
+    m = T.int64()
+    x = T.match_buffer(x_h, (m, T.int64($K)), "float16")
+    y = T.match_buffer(y_h, (m, T.int64($N)), "float16")
+    for by in T.thread_binding((m + T.int64($BT - 1)) // T.int64($BT), thread="blockIdx.y"):
+        for bx in T.thread_binding($NBLK, thread="blockIdx.x"):
+            for tx in T.thread_binding($THREADS, thread="threadIdx.x"):
+                smem = T.alloc_buffer(($SMEM,), "uint8", scope="shared.dyn")
+                T.evaluate(T.cuda.func_call(
+                    "$NAME", x.access_ptr("r"), qweight.access_ptr("r"), scales.access_ptr("r"),
+                    $ZPTR, $BPTR, y.access_ptr("w"), smem.access_ptr("rw"), m, bx, by, tx,
+                    source_code=$SRC))
+''')
+
+
+def gemm_wgmma_func(attrs: dict, cfg: Config, arch: str = "sm_90"):
+    """The wgmma GEMM PrimFunc for one int4 spec, or None where it does not take it."""
+    if not takes(attrs, arch, cfg):
+        return None
+    n, k, g = int(attrs["n"]), int(attrs["k"]), int(attrs["group_size"])
+    sym, bias = bool(attrs["symmetric"]), bool(attrs["has_bias"])
+    name, src = kernel_source(attrs, cfg)
+    extra = ""
+    if not sym:
+        extra += f' zeros: T.Buffer((T.int64({n}), T.int64({k // g})), "float16"),'
+    if bias:
+        extra += f' bias: T.Buffer((T.int64({n}),), "float16"),'
+    null = 'scales.access_ptr("r")'  # stands in for absent zeros / bias (never read)
+    text = _KERNEL.substitute(
+        N=n, K=k, KW=k // 8, NG=k // g, EXTRA=extra, BT=cfg.tokens, NBLK=n // cfg.rows,
+        THREADS=128 * cfg.warpgroups, SMEM=cfg.smem_bytes(), NAME=name, SRC=repr(src),
+        ZPTR=null if sym else 'zeros.access_ptr("r")', BPTR='bias.access_ptr("r")' if bias else null)
+    import tvm
+    from tvm.script import tirx as T  # noqa: F401  (the template's T)
+
+    return tvm.script.from_source(text)
+
+
+class GEMMWGMMA(TemplateRule):
+    """dlight-style rule: the "wgmma"-tagged copies of our int4 kernel -> the Hopper GEMM above."""
+
+    kind = "wgmma"
+
+    def __init__(self, config: Config | None = None):
+        self.config = config  # replaces the per-arch default (benchmarks, tests)
+
+    def build(self, func, attrs, target):
+        from compiler.tuning import config_from
+
+        arch = str(target.attrs.get("arch", "")) or None
+        cfg = config_from(func, Config, self.config or default_config(target, func))  # a tuned record wins
+        return gemm_wgmma_func(attrs[ATTR], cfg, arch)
+
+
+def rule():
+    return GEMMWGMMA()
+
+
+def default_config(target, func=None) -> Config:
+    """The untuned config of a copy on a target (what tuning measures first and must beat)."""
+    arch = DEFAULTS.get(str(target.attrs.get("arch", "")) if target is not None else "", _H200)
+    if func is None or func.attrs is None or ATTR not in func.attrs:
+        return _BIG
+    rows = int(func.attrs[ROWS_ATTR]) if ROWS_ATTR in func.attrs else None
+    cfg = default_for(arch, int(func.attrs[ATTR]["n"]), rows)
+    return cfg if takes(func.attrs[ATTR], "sm_90", cfg) else Config(tokens=cfg.tokens, warpgroups=1,
+                                                                    stages=cfg.stages)

@@ -1,0 +1,102 @@
+"""schedules/gemm_wgmma.py: the Hopper wgmma GEMM (int4 weight as the A operand, from registers). CUDA
+code for sm_90a is built here without a GPU; numerics need one (the `gpu` test)."""
+import numpy as np
+import pytest
+
+from compiler.dispatch import KERNEL_ATTR
+from compiler.int4_kernel import ATTR, int4_matmul_func
+from compiler.quantize import QuantConfig, dequantize, quantize
+from tests.test_gemv import _build, _target
+
+
+def _copy(n, k, cfg=QuantConfig(), bias=False, **config):
+    attrs = {KERNEL_ATTR: "wgmma"}
+    if config:
+        attrs["nibble.config"] = config
+    return int4_matmul_func(n, k, cfg, has_bias=bias).with_attr(attrs)
+
+
+def test_takes_only_what_it_tiles():
+    from schedules.gemm_wgmma import Config, takes
+
+    spec = lambda n, k, g=128, xd="float16": {"n": n, "k": k, "group_size": g, "x_dtype": xd}  # noqa: E731
+    assert takes(spec(4096, 11008), "sm_90") and takes(spec(22016, 4096), "sm_90")
+    assert not takes(spec(4096, 4096), "sm_80")  # wgmma is sm_90a-only
+    assert not takes(spec(4096, 4096, g=32), "sm_90")  # a 64-k ring stage must lie in one group
+    assert not takes(spec(4096, 4032), "sm_90")  # k % 128: the pipeline runs 64-k blocks in pairs
+    assert takes(spec(4160, 4096), "sm_90") and not takes(spec(4160, 4096), "sm_90", Config())  # 4160 % 128
+    assert not takes(spec(4096 + 32, 4096), "sm_90")  # whole 64-row warpgroup tiles
+    assert not takes(spec(4096, 4096, xd="float32"), "sm_90")
+    assert Config(tokens=100).check() and Config(tokens=264).check() and Config(stages=2).check()
+
+
+def test_default_tile_by_bucket_and_n():
+    """Few tokens (m <= 256) take 64-row tiles so the grid still fills the SMs; the unbounded copy the
+    256-token x 128-row tile; a shape the default's rows do not divide falls back to one warpgroup."""
+    from schedules.gemm_wgmma import Config, default_config
+
+    def cfg(n, rows=None):
+        attrs = {KERNEL_ATTR: "wgmma", **({"nibble.rows": rows} if rows else {})}
+        return default_config(_target(), int4_matmul_func(n, 4096, QuantConfig()).with_attr(attrs))
+
+    assert cfg(4096, 256) == Config(tokens=64, warpgroups=1) and cfg(12288, 256).tokens == 128
+    assert cfg(4096, 1024) == Config(tokens=128) and cfg(22016, 1024) == Config()
+    assert cfg(4096) == cfg(22016) == Config()
+    assert cfg(4160) == Config(warpgroups=1)  # 4160 % 128 != 0
+
+
+@pytest.mark.parametrize("n,k,cfg,bias,config", [
+    (256, 4096, QuantConfig(), False, {}),
+    (128, 512, QuantConfig(64, symmetric=False), True, {"tokens": 208, "warpgroups": 1, "stages": 3}),
+])
+def test_rule_emits_wgmma_kernel(n, k, cfg, bias, config):
+    import tvm
+
+    from schedules.gemm_wgmma import GEMMWGMMA
+
+    func = _copy(n, k, cfg, bias, **config)
+    sch = GEMMWGMMA().apply(func, _target(), False)
+    assert sch is not None and sch.mod["main"].attrs[KERNEL_ATTR] == "wgmma"
+    assert sch.mod["main"].attrs[ATTR]["n"] == n  # the spec attrs survive for dispatch/tuning/inspect
+    _, src = _build({"k": func})
+    n_tok = config.get("tokens", 256)
+    assert f"wgmma.mma_async.sync.aligned.m64n{n_tok}k16.f32.f16.f16" in src  # built for sm_90a by nvcc
+    assert "cp.async.cg.shared.global" in src and "fence.proxy.async.shared::cta" in src
+    assert GEMMWGMMA().apply(func, tvm.target.Target("llvm"), False) is None
+    assert GEMMWGMMA().apply(func.with_attr({KERNEL_ATTR: "gemm"}), _target(), False) is None  # not ours
+    sm80 = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
+    assert GEMMWGMMA().apply(func, sm80, False) is None
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("k,cfg,bias,config", [
+    (4096, QuantConfig(), False, {}),
+    (1024, QuantConfig(128, symmetric=False), True, {}),
+    (512, QuantConfig(64), True, {"tokens": 208, "warpgroups": 1, "stages": 3}),  # 6 token rows per lane
+    (1024, QuantConfig(-1), False, {"tokens": 64, "warpgroups": 2, "stages": 5}),  # per-channel scales
+    (1024, QuantConfig(128, symmetric=False), True, {"tokens": 128, "warpgroups": 2, "m_tiles": 2}),
+])
+def test_wgmma_numerics_on_gpu(k, cfg, bias, config):
+    """m from 1 past several token tiles (partial last tiles: zero-filled x rows, unstored outputs) against
+    numpy with the dequantized weights: rel. error <= 2e-3."""
+    import tvm
+
+    n = 256
+    rng = np.random.default_rng(0)
+    parts = quantize(rng.standard_normal((n, k)).astype(np.float32) * 0.02, cfg)
+    w = dequantize(parts, k, cfg)
+    b = rng.standard_normal(n).astype(np.float16) if bias else None
+    ex, _ = _build({"g": _copy(n, k, cfg, bias, **config)})
+    dev = tvm.cuda(0)
+    ws = [tvm.runtime.tensor(parts[p], device=dev) for p in ("qweight", "scales", "zeros") if p in parts]
+    if bias:
+        ws.append(tvm.runtime.tensor(b, device=dev))
+    for m in (1, 7, 64, 200, 256, 257, 600):
+        x = rng.standard_normal((m, k)).astype(np.float16)
+        y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float16), device=dev)
+        ex["g"](tvm.runtime.tensor(x, device=dev), *ws, y)
+        ref = x.astype(np.float64) @ w.T.astype(np.float64) + (b.astype(np.float64) if bias else 0)
+        got = y.numpy().astype(np.float64)
+        assert np.isfinite(got).all(), m
+        err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
+        assert err <= 2e-3, (m, err)
