@@ -40,8 +40,7 @@ from .int4_kernel import ATTR
 
 CONFIG_ATTR = "nibble.config"  # PrimFunc attr: the Config fields a rule must use for this function
 TEMPLATES = {"gemv": "schedules.gemv", "mma": "schedules.gemv_mma", "gemm": "schedules.gemm",
-             "wgmma": "schedules.gemm_wgmma",
-             "cpu": "schedules.cpu"}
+             "wgmma": "schedules.gemm_wgmma", "cpu": "schedules.cpu"}
 DEFAULT_DIR = Path(os.environ.get("NIBBLE_TUNING_LOGS", Path(__file__).resolve().parents[1] / "tuning_logs"))
 PREFILL_M = 512  # token count the unbounded GEMM copy is tuned at (bucket copies: at their bound)
 CPU_M = 16

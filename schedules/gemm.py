@@ -57,7 +57,7 @@ from __future__ import annotations
 import dataclasses
 from string import Template
 
-from .template import ATTR, KERNEL_ATTR, ROWS_ATTR, TemplateRule, indent
+from .template import ATTR, KERNEL_ATTR, ROWS_ATTR, TemplateRule, indent, signature
 CONFIG_ATTR = "nibble.config"  # = compiler.tuning.CONFIG_ATTR: a tuned Config for this copy's launch
 VERSION = 2  # bump when the template changes meaning: tuning records of other versions are ignored
 # v2: one launch per bucket copy (was: small/large picked inside the copy), split_k
@@ -241,13 +241,7 @@ __forceinline__ __device__ void nb_dequant8(unsigned int dst, unsigned int src, 
 
 
 _FUNC = Template('''
-@T.prim_func
-def gemm(x_h: T.handle, qweight: T.Buffer((T.int64($N), T.int64($KW)), "uint32"),
-         scales: T.Buffer((T.int64($N), T.int64($NG)), "float16"),$EXTRA y_h: T.handle):
-    T.func_attr({"tirx.noalias": True})
-    m = T.int64()
-    x = T.match_buffer(x_h, (m, T.int64($K)), "float16")
-    y = T.match_buffer(y_h, (m, T.int64($N)), "float16")
+$SIGNATURE
 $BODY
 ''')
 
@@ -473,11 +467,6 @@ def gemm_func(attrs: dict, arch: ArchConfig, rows: int | None = None, tuned: Con
     if planned is None:
         return None
     c, split = planned
-    extra = ""
-    if not sym:
-        extra += f' zeros: T.Buffer((T.int64({n}), T.int64({k // g})), "float16"),'
-    if bias:
-        extra += f' bias: T.Buffer((T.int64({n}),), "float16"),'
     body = _launch(c, n, k, g, sym, bias, split)
     if split > 1:
         val = "part[0, v]"
@@ -485,7 +474,7 @@ def gemm_func(attrs: dict, arch: ArchConfig, rows: int | None = None, tuned: Con
             val += f' + T.Cast("float32", bias[e % T.int64({n // 4}) * T.int64(4) + T.Cast("int64", v)])'
         body = "\n".join([f'ws = T.alloc_buffer((m, {split}, T.int64({n})), "float32", scope="global")',
                           body, _REDUCE.substitute(SPLIT=split, NV=n // 4, VAL=val).strip("\n")])
-    src = _FUNC.substitute(N=n, K=k, KW=k // 8, NG=k // g, EXTRA=extra, BODY=indent(body, 4))
+    src = _FUNC.substitute(SIGNATURE=signature("gemm", attrs), BODY=indent(body, 4))
     if source_only:
         return src
     import tvm

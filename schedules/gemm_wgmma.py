@@ -1,19 +1,19 @@
 """Prefill-time (many tokens) schedule for the fused int4 matmul on Hopper: wgmma with W in registers.
 
 Recognizes the copies of the "nibble.int4" PrimFunc that compiler/dispatch.py tagged
-`"nibble.kernel" = "wgmma"` (the unbounded copy for the largest m on sm_90); anything else, or a shape
-the kernel does not take (see `takes`), returns None.
+`"nibble.kernel" = "wgmma"` (on sm_90 the copies for m <= 256, <= 1024 and the unbounded one; the
+bound "nibble.rows" picks the default tile); anything else, or a shape the kernel does not take (see
+`takes`), returns None.
 
-Why: schedules/gemm.py runs mma.sync, which on an H200 tops out near half of what the tensor cores
-give to wgmma (warpgroup MMA, sm_90a), the instruction cuBLAS uses there: gemm.py reaches ~300 TFLOP/s
-at 2048 tokens, cuBLAS fp16 ~750. Here the product is computed transposed, Y^T = W X^T, so that the
+Why: schedules/gemm.py runs mma.sync and reaches ~300 TFLOP/s at 2048 tokens on an H200, where cuBLAS
+fp16 reaches ~750 with wgmma (warpgroup MMA, sm_90a). Here the product is computed transposed, Y^T = W X^T, so that the
 int4 weight is wgmma's A operand, which may come from registers (`wgmma ... {a0..a3}, descB`): each
 warpgroup dequantizes its 64 rows x 16 k of W straight into the A fragment, and x, read once per block
-into shared memory, is B through a shared-memory descriptor. This is the layout of vLLM's Machete; as
-here, its x never round-trips through registers.
+into shared memory, is B through a shared-memory descriptor (vLLM's Machete gives its operands the
+same roles).
 
-Per thread block: WG warpgroups (128 threads each) own 64 W rows each (BN = 64 WG rows of N), all on
-the same BT tokens (BT = wgmma's n, <= 256, so one instruction covers the token tile); K is walked in
+Per thread block: WG warpgroups (128 threads each) own MT 64-row tiles of W each (BN = 64 WG MT rows
+of N), all on the same BT tokens (BT = wgmma's n, <= 256, so one instruction covers the token tile); K is walked in
 64-k blocks through an S-stage cp.async ring in shared memory:
   * x tile: BT token rows x 128 B (64 fp16 k), in wgmma's canonical K-major 128 B-swizzled layout
     (16 B chunk c of row n at n * 128 + (c ^ n % 8) * 16, 1 KiB-aligned atoms); rows past m are
@@ -48,7 +48,7 @@ from __future__ import annotations
 import dataclasses
 from string import Template
 
-from .template import ATTR, ROWS_ATTR, TemplateRule
+from .template import ATTR, ROWS_ATTR, TemplateRule, signature
 
 BK = 64  # k per ring stage: one 128 B swizzle atom of fp16 x per token row
 VERSION = 1  # bump when the kernel changes meaning: tuning records of other versions are ignored
@@ -98,9 +98,10 @@ class ArchConfig:
 #    wider N the 256-token, 128-row tile (4096->22016: 175.1 vs 243.8).
 #  * larger m: 256 tokens x 128 rows (m = 2048: 116.8 us on 4096->4096 vs 161 with 128 tokens).
 _BIG = Config()
-_H200 = ArchConfig(by_rows=((256, ((4096, Config(tokens=64, warpgroups=1)), (1 << 30, Config(tokens=128, warpgroups=1)))),
-                            (1024, ((4096, Config(tokens=128)), (1 << 30, _BIG))),
-                            (1 << 30, ((1 << 30, _BIG),))))
+_H200 = ArchConfig(by_rows=(
+    (256, ((4096, Config(tokens=64, warpgroups=1)), (1 << 30, Config(tokens=128, warpgroups=1)))),
+    (1024, ((4096, Config(tokens=128)), (1 << 30, _BIG))),
+    (1 << 30, ((1 << 30, _BIG),))))
 DEFAULTS = {"sm_90": _H200}
 
 
@@ -115,8 +116,9 @@ MAX_SMEM = 227 * 1024
 
 
 def takes(attrs: dict, arch: str | None, cfg: Config | None = None) -> bool:
-    """Whether this kernel can serve the int4 spec on arch: sm_90 (wgmma is sm_90a-only), fp16 x, whole
-    128-k pairs of ring stages inside whole groups, whole 64 WG-row blocks."""
+    """Whether this kernel can serve the int4 spec on arch with cfg (default: the narrowest tile): sm_90
+    (wgmma is sm_90a-only), fp16 x, whole 128-k pairs of ring stages inside whole groups, whole blocks of
+    cfg.rows rows."""
     cfg = cfg or Config(warpgroups=1)  # the narrowest tile: any config the shape allows
     n, k, g = int(attrs["n"]), int(attrs["k"]), int(attrs["group_size"])
     return (arch == "sm_90" and str(attrs["x_dtype"]) == "float16" and k % (2 * BK) == 0
@@ -307,13 +309,7 @@ def kernel_source(attrs: dict, cfg: Config) -> tuple[str, str]:
 
 
 _KERNEL = Template('''
-@T.prim_func
-def gemm_wgmma(x_h: T.handle, qweight: T.Buffer((T.int64($N), T.int64($KW)), "uint32"),
-               scales: T.Buffer((T.int64($N), T.int64($NG)), "float16"),$EXTRA y_h: T.handle):
-    T.func_attr({"tirx.noalias": True})
-    m = T.int64()
-    x = T.match_buffer(x_h, (m, T.int64($K)), "float16")
-    y = T.match_buffer(y_h, (m, T.int64($N)), "float16")
+$SIGNATURE
     for by in T.thread_binding((m + T.int64($BT - 1)) // T.int64($BT), thread="blockIdx.y"):
         for bx in T.thread_binding($NBLK, thread="blockIdx.x"):
             for tx in T.thread_binding($THREADS, thread="threadIdx.x"):
@@ -332,14 +328,9 @@ def gemm_wgmma_func(attrs: dict, cfg: Config, arch: str = "sm_90"):
     n, k, g = int(attrs["n"]), int(attrs["k"]), int(attrs["group_size"])
     sym, bias = bool(attrs["symmetric"]), bool(attrs["has_bias"])
     name, src = kernel_source(attrs, cfg)
-    extra = ""
-    if not sym:
-        extra += f' zeros: T.Buffer((T.int64({n}), T.int64({k // g})), "float16"),'
-    if bias:
-        extra += f' bias: T.Buffer((T.int64({n}),), "float16"),'
     null = 'scales.access_ptr("r")'  # stands in for absent zeros / bias (never read)
     text = _KERNEL.substitute(
-        N=n, K=k, KW=k // 8, NG=k // g, EXTRA=extra, BT=cfg.tokens, NBLK=n // cfg.rows,
+        SIGNATURE=signature("gemm_wgmma", attrs), BT=cfg.tokens, NBLK=n // cfg.rows,
         THREADS=128 * cfg.warpgroups, SMEM=cfg.smem_bytes(), NAME=name, SRC=repr(src),
         ZPTR=null if sym else 'zeros.access_ptr("r")', BPTR='bias.access_ptr("r")' if bias else null)
     import tvm

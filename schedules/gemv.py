@@ -40,7 +40,7 @@ import dataclasses
 import math
 from string import Template
 
-from .template import ATTR, KERNEL_ATTR, ROWS_ATTR, TemplateRule
+from .template import ATTR, KERNEL_ATTR, ROWS_ATTR, TemplateRule, signature
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,13 +70,7 @@ def config_for(target) -> Config:
 
 # The kernel, as TVMScript. $-fields are filled per shape and config; `T` is tvm.script.tirx.
 _KERNEL = Template('''
-@T.prim_func
-def gemv(x_h: T.handle, qweight: T.Buffer((T.int64($N), T.int64($KW)), "uint32"),
-         scales: T.Buffer((T.int64($N), T.int64($NG)), "float16"),$EXTRA y_h: T.handle):
-    T.func_attr({"tirx.noalias": True})
-    m = T.int64()
-    x = T.match_buffer(x_h, (m, T.int64($K)), "$XD")
-    y = T.match_buffer(y_h, (m, T.int64($N)), "$XD")
+$SIGNATURE
     for by in T.thread_binding((m + T.int64($B - 1)) // T.int64($B), thread="blockIdx.y"):
         for bx in T.thread_binding($NBLK, thread="blockIdx.x"):
             for ty in T.thread_binding($WARPS, thread="threadIdx.y"):
@@ -160,17 +154,12 @@ def gemv_func(attrs: dict, rows: int, cfg: Config):
     z = ("T.float32(8.0)" if sym else
          f'T.Cast("float32", zeros[bx * {warps * ts} + ty * {ts} + t, c * 32 // {g}])')
     zero = f'T.float32(8388608.0) + {z} * T.Cast("float32", T.shift_left(1, 4 * p))'
-    extra = ""
-    if not sym:
-        extra += f' zeros: T.Buffer((T.int64({n}), T.int64({k // g})), "float16"),'
-    if bias:
-        extra += f' bias: T.Buffer((T.int64({n}),), "{xd}"),'
     out = "acc[t, i]"
     if bias:
         out = f'acc[t, i] + T.Cast("float32", bias[bx * {warps * ts} + ty * {ts} + t])'
     out = f'T.Cast("{xd}", T.Cast("float16", {out}))'
     src = _KERNEL.substitute(
-        N=n, K=k, KW=k // 8, NG=k // g, G=g, C=chunks_per_row, B=rows, XD=xd, EXTRA=extra, ZERO=zero,
+        SIGNATURE=signature("gemv", attrs), G=g, C=chunks_per_row, B=rows, XD=xd, ZERO=zero,
         OUT=out, TS=ts, U=u, WARPS=warps, RB=warps * ts, NBLK=n // (warps * ts),
         ITERS=math.ceil(chunks_per_row / (32 * u)))
     func = tvm.script.from_source(src)

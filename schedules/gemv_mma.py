@@ -41,7 +41,7 @@ import dataclasses
 import math
 from string import Template
 
-from .template import ATTR, ROWS_ATTR, TemplateRule, indent
+from .template import ATTR, ROWS_ATTR, TemplateRule, indent, signature
 
 CHUNK = 128  # k per lane-quad per chunk: 4 lanes x 4 words x 8 nibbles
 VERSION = 1  # bump when the kernel changes meaning: tuning records of other versions are ignored
@@ -190,17 +190,11 @@ for u in T.unroll($U):
                 $TT, sc[q], sc[q + 1], zc[q], zc[q + 1], source_code=$HELPERS))
 ''')
 
-# $-fields: N K KW NG G (group) C (chunks per row) CHUNK TT (token tiles) TOK (= 8 TT) W (warps) RT U
-# ITERS (pipeline groups per warp) RB (rows per block) NBLK OUT (outputs per block) OPT (outputs per
-# thread) EXTRA (zeros / bias params) ZERO VAL (the output before rounding) PIPELINE (the stages)
+# $-fields: SIGNATURE (template.signature) K G (group) C (chunks per row) CHUNK TT (token tiles) TOK (= 8 TT)
+# W (warps) RT U ITERS (pipeline groups per warp) RB (rows per block) NBLK OUT (outputs per block) OPT
+# (outputs per thread) ZERO VAL (the output before rounding) PIPELINE (the stages)
 _KERNEL = Template('''
-@T.prim_func
-def gemv_mma(x_h: T.handle, qweight: T.Buffer((T.int64($N), T.int64($KW)), "uint32"),
-             scales: T.Buffer((T.int64($N), T.int64($NG)), "float16"),$EXTRA y_h: T.handle):
-    T.func_attr({"tirx.noalias": True})
-    m = T.int64()
-    x = T.match_buffer(x_h, (m, T.int64($K)), "float16")
-    y = T.match_buffer(y_h, (m, T.int64($N)), "float16")
+$SIGNATURE
     for by in T.thread_binding((m + T.int64($TOK - 1)) // T.int64($TOK), thread="blockIdx.y"):
         for bx in T.thread_binding($NBLK, thread="blockIdx.x"):
             for tx in T.thread_binding($W * 32, thread="threadIdx.x"):
@@ -247,18 +241,13 @@ def gemv_mma_func(attrs: dict, rows: int, cfg: Config):
     tt = 1 if rows <= 8 else 2
     tok, rb, c = 8 * tt, 16 * rt, k // CHUNK
     out = rb * tok
-    extra, zero = "", "T.float16(8)"
-    if not sym:
-        extra += f' zeros: T.Buffer((T.int64({n}), T.int64({k // g})), "float16"),'
-        zero = f"zeros[bx * {rb} + rt * 16 + h * 8 + r, c * {CHUNK} // {g}]"
-    val = "s[0]"
-    if bias:
-        extra += f' bias: T.Buffer((T.int64({n}),), "float16"),'
-        val = f'T.Cast("float32", bias[bx * {rb} + o % {rb}]) + s[0]'
+    zero = "T.float16(8)" if sym else f"zeros[bx * {rb} + rt * 16 + h * 8 + r, c * {CHUNK} // {g}]"
+    val = f'T.Cast("float32", bias[bx * {rb} + o % {rb}]) + s[0]' if bias else "s[0]"
     fields = dict(
-        N=n, K=k, KW=k // 8, NG=k // g, G=g, C=c, CHUNK=CHUNK, TT=tt, TOK=tok, W=cfg.warps, RT=rt,
+        K=k, G=g, C=c, CHUNK=CHUNK, TT=tt, TOK=tok, W=cfg.warps, RT=rt,
         U=cfg.chunks, ITERS=math.ceil(c / (cfg.chunks * cfg.warps)), RB=rb, NBLK=n // rb, OUT=out,
-        OPT=math.ceil(out / (32 * cfg.warps)), EXTRA=extra, ZERO=zero, VAL=val, HELPERS=repr(_HELPERS))
+        OPT=math.ceil(out / (32 * cfg.warps)), SIGNATURE=signature("gemv_mma", attrs), ZERO=zero, VAL=val,
+        HELPERS=repr(_HELPERS))
     stages = []
     for it in range(fields["ITERS"] + 1):  # see _LOAD / _MATH
         if it < fields["ITERS"]:

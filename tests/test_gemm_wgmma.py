@@ -4,16 +4,13 @@ import numpy as np
 import pytest
 
 from compiler.dispatch import KERNEL_ATTR
-from compiler.int4_kernel import ATTR, int4_matmul_func
+from compiler.int4_kernel import ATTR
 from compiler.quantize import QuantConfig, dequantize, quantize
-from tests.test_gemv import _build, _target
+from tests.test_gemv import _build, _target, tagged_copy
 
 
 def _copy(n, k, cfg=QuantConfig(), bias=False, **config):
-    attrs = {KERNEL_ATTR: "wgmma"}
-    if config:
-        attrs["nibble.config"] = config
-    return int4_matmul_func(n, k, cfg, has_bias=bias).with_attr(attrs)
+    return tagged_copy("wgmma", n, k, None, cfg, bias, **config)
 
 
 def test_takes_only_what_it_tiles():
@@ -36,8 +33,7 @@ def test_default_tile_by_bucket_and_n():
     from schedules.gemm_wgmma import Config, default_config
 
     def cfg(n, rows=None):
-        attrs = {KERNEL_ATTR: "wgmma", **({"nibble.rows": rows} if rows else {})}
-        return default_config(_target(), int4_matmul_func(n, 4096, QuantConfig()).with_attr(attrs))
+        return default_config(_target(), tagged_copy("wgmma", n, 4096, rows))
 
     assert cfg(4096, 256) == Config(tokens=64, warpgroups=1) and cfg(12288, 256).tokens == 128
     assert cfg(4096, 1024) == Config(tokens=128) and cfg(22016, 1024) == Config()

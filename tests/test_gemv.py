@@ -4,7 +4,7 @@ import re
 import numpy as np
 import pytest
 
-from compiler.dispatch import KERNEL_ATTR, ROWS_ATTR
+from compiler.dispatch import KERNEL_ATTR
 from compiler.int4_kernel import int4_matmul_func
 from compiler.quantize import QuantConfig, dequantize, quantize
 
@@ -15,8 +15,18 @@ def _target():
     return tvm_target(resolve("cuda", "sm_90"))
 
 
+def tagged_copy(kind, n, k, rows=None, cfg=QuantConfig(), bias=False, **config):
+    """The int4 PrimFunc of an n x k linear as compiler/dispatch.py tags its `kind` copy for m <= rows
+    (None: unbounded); `config` (Config fields) as a tuning record would set it."""
+    from compiler.dispatch import bucket_copy
+    from compiler.tuning import CONFIG_ATTR
+
+    func = bucket_copy(int4_matmul_func(n, k, cfg, has_bias=bias), "k", rows, kind)
+    return func.with_attr(CONFIG_ATTR, config) if config else func
+
+
 def _gemv_copy(n, k, rows, cfg=QuantConfig(), bias=False):
-    return int4_matmul_func(n, k, cfg, has_bias=bias).with_attr({KERNEL_ATTR: "gemv", ROWS_ATTR: rows})
+    return tagged_copy("gemv", n, k, rows, cfg, bias)
 
 
 def _build(funcs: dict):

@@ -3,17 +3,14 @@ need one (the `gpu` test)."""
 import numpy as np
 import pytest
 
-from compiler.dispatch import KERNEL_ATTR, ROWS_ATTR
-from compiler.int4_kernel import ATTR, int4_matmul_func
+from compiler.dispatch import KERNEL_ATTR
+from compiler.int4_kernel import ATTR
 from compiler.quantize import QuantConfig, dequantize, quantize
-from tests.test_gemv import _build, _target
+from tests.test_gemv import _build, _target, tagged_copy
 
 
 def _copy(n, k, rows, cfg=QuantConfig(), bias=False, **config):
-    attrs = {KERNEL_ATTR: "mma", ROWS_ATTR: rows}
-    if config:
-        attrs["nibble.config"] = config
-    return int4_matmul_func(n, k, cfg, has_bias=bias).with_attr(attrs)
+    return tagged_copy("mma", n, k, rows, cfg, bias, **config)
 
 
 def test_takes_only_what_it_tiles():
