@@ -54,11 +54,13 @@ VARIANT_MS = (1, 4)
 MMA_VARIANTS = {f"w{w}u{u}": dict(warps=w, chunks=u) for w in (4, 8, 16) for u in (1, 2, 4)}
 MMA_VARIANTS["w8u2r2"] = dict(warps=8, chunks=2, row_tiles=2)
 # Hopper wgmma GEMM (schedules/gemm_wgmma.py) variants, timed with --candidates beside each "wgmma" copy:
-# t = tokens per block (wgmma n), w = warpgroups (64 W rows each), s = ring stages
-# (on the unbounded copy only: a variant replaces the per-bucket default whole)
-WGMMA_VARIANTS = {f"t{t}w{w}m{mt}s{s}": dict(tokens=t, warpgroups=w, m_tiles=mt, stages=s)
-                  for t, w, mt, s in ((64, 1, 1, 4), (128, 1, 1, 4), (128, 2, 1, 4), (256, 1, 1, 4), (256, 2, 1, 5),
-                                      (128, 2, 2, 4))}
+# t = tokens per block (wgmma n), w = warpgroups (64 W rows each), m = 64-row tiles per warpgroup,
+# s = ring stages, k = K slices (on the unbounded copy only: a variant replaces the per-bucket default whole)
+WGMMA_VARIANTS = {f"t{t}w{w}m1s4" + (f"k{k}" if k > 1 else ""): dict(tokens=t, warpgroups=w, split_k=k)
+                  for t, w, k in ((16, 1, 1), (16, 1, 2), (16, 2, 4), (32, 1, 1), (32, 1, 2), (32, 2, 4),
+                                  (64, 1, 1), (64, 1, 2), (64, 1, 4), (64, 2, 1), (64, 2, 2), (64, 2, 4),
+                                  (128, 1, 1), (128, 1, 2), (128, 2, 1), (128, 2, 2), (128, 2, 4), (128, 2, 8),
+                                  (256, 2, 2), (256, 2, 4))}
 VARIANT_SETS = {"mma": MMA_VARIANTS, "wgmma": WGMMA_VARIANTS}  # per copy kind
 LAUNCHES = 24  # launches captured per CUDA graph (at least one pass over the copies)
 ERR_MAX = 2e-3  # issue 3's bound on the relative error at K = 4096
@@ -184,7 +186,7 @@ def build(job: Job, out_dir: str) -> tuple[str, list[str], dict]:
             from schedules import gemm_wgmma
 
             c = config_from(f, gemm_wgmma.Config, gemm_wgmma.default_config(target, f))
-            labels[name] = f"t{c.tokens}w{c.warpgroups}m{c.m_tiles}s{c.stages}"
+            labels[name] = c.label()
     stock = [dl.gpu.Matmul(), dl.gpu.GEMV(), dl.gpu.Reduction(), dl.gpu.GeneralReduction(), dl.gpu.Fallback()]
     ours = tvm.IRModule({k: f for k, f in funcs.items() if "nibble.stock" not in f.attrs})
     theirs = tvm.IRModule({k: f.without_attr("nibble.stock") for k, f in funcs.items() if "nibble.stock" in f.attrs})

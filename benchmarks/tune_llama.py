@@ -117,7 +117,7 @@ def main():
         meta["example_tune_s"] = time.perf_counter() - t0
 
     # -- tuned vs defaults vs dlight, per shape and M ---------------------------------------------------
-    from compiler.dispatch import kernel_for
+    from compiler.dispatch import kernel_for, parse_copy
 
     cfg = QuantConfig(128, True)
     dev = torch.device("cuda")
@@ -149,7 +149,7 @@ def main():
                  for _ in range(max(2, math.ceil(3 * 60 * 2**20 / wbytes)))]
         sel = lambda lst: [lst[i % len(lst)] for i in range(24)]  # noqa: E731
         for m in MS:
-            kind = kernel_for(m)  # "gemv4", "gemm16", ..., "gemm"
+            kind = kernel_for(m)  # "mma8", ..., "wgmma256", "wgmma"
             x = torch.randn(m, k, device=dev, dtype=torch.float16)
             y = torch.full((m, n), float("nan"), device=dev, dtype=torch.float16)
             tx, ty = tvm.runtime.from_dlpack(x), tvm.runtime.from_dlpack(y)
@@ -164,8 +164,9 @@ def main():
                 torch.cuda.synchronize()
                 row[f"err_{label}"] = rel_err(y, ref)
                 row[f"us_{label}"] = graph_time([lambda a=a, f=f: f(tx, a[0], a[1], ty) for a in sel(wargs)], torch) * 1e6
+            bound, kname = parse_copy(kind)  # "wgmma256" -> the task key's ":wgmma:256"
             key = next((t.key for t in tasks if t.key.startswith(f"int4_matmul_n{n}_k{k}_")
-                        and t.key.endswith(f":{kind[:4]}" + (f":{kind[4:]}" if kind[4:] else ""))), None)
+                        and t.key.endswith(f":{kname}" + (f":{bound}" if bound else ""))), None)
             row["config"] = best.get(key, {}).get("config")
             rows.append(row)
             print(json.dumps(row), flush=True)

@@ -6,7 +6,8 @@ Each variant edits the generated CUDA of the default kernel (results are wrong o
 means something): no_decode feeds the packed words to wgmma undecoded, no_wgmma replaces the tensor-core
 instructions by one FADD, no_x drops the copies of x into shared memory, no_sync drops the per-k-block
 barrier, no_store drops the epilogue's stores. If removing a part barely moves the time, that part is
-not what limits the kernel. Weights rotate past the L2 as in bench_linear.py; CUDA-graph medians.
+not what limits the kernel. direct_store is an A/B rather than a removal: the epilogue of VERSION 1,
+scattered 2 B stores straight from the accumulators instead of the shared-memory tile. Weights rotate past the L2 as in bench_linear.py; CUDA-graph medians.
 Writes wgmma_ablation.json / .md to --out.
 """
 from __future__ import annotations
@@ -23,8 +24,25 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-CASES = [(4096, 4096, 2048), (4096, 22016, 2048), (4096, 4096, 512)]  # (K, N, M)
+CASES = [(4096, 4096, 2048), (4096, 22016, 2048), (11008, 4096, 2048), (4096, 4096, 512)]  # (K, N, M)
 _WGMMA = re.compile(r'asm volatile\("wgmma\.mma_async.*?: "memory"\);', re.S)
+_DIRECT = r"""#pragma unroll
+  for (int mt = 0; mt < MT; ++mt) {
+    const long long ra = row0 + 64 * mt, rb = ra + 8;
+#pragma unroll
+    for (int i = 0; i < BT / 8; ++i) {
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const long long tok = tok0 + 8 * i + 2 * t + e;
+        if (tok < m) {
+          y[tok * N + ra] = __float2half(acc[mt * (BT / 2) + 4 * i + e]);
+          y[tok * N + rb] = __float2half(acc[mt * (BT / 2) + 4 * i + 2 + e]);
+        }
+      }
+    }
+  }
+}
+"""
 ABLATIONS = {
     "full": lambda s: s,
     "no_decode": lambda s: re.sub(r"nbw_dq\(([^,]+), sel, [^;]*\);", r"\1;", s),
@@ -32,16 +50,19 @@ ABLATIONS = {
                                      s),
     "no_x": lambda s: s.replace("nbw_cp16(st + n * 128", "if (0) nbw_cp16(st + n * 128"),
     "no_sync": lambda s: s.replace("    __syncthreads();\n    if (kb + S - 2", "    if (kb + S - 2"),
-    "no_store": lambda s: s.replace("if (tok < m) {", "if (tok < 0) {"),
+    "no_store": lambda s: s.replace("if (tok0 + n < m) {", "if (tok0 + n < 0) {"),
+    # not a removal: the epilogue before the shared-memory tile (scattered 2 B stores from the accumulators)
+    "direct_store": lambda s: re.sub(r"  nbw_wait<0>\(\);\n  __syncthreads\(\);\n  // the epilogue.*?\n}\n", _DIRECT,
+                                     s, flags=re.S),
 }
 
 
 def parse_config(text):
-    """"t256w2m1s4" -> gemm_wgmma.Config (tokens, warpgroups, m_tiles, stages)."""
+    """"t256w2m1s4" (optionally "k2": K slices) -> gemm_wgmma.Config: the inverse of Config.label."""
     from schedules.gemm_wgmma import Config
 
-    t, w, mt, s = map(int, re.fullmatch(r"t(\d+)w(\d+)m(\d+)s(\d+)", text).groups())
-    return Config(tokens=t, warpgroups=w, m_tiles=mt, stages=s)
+    t, w, mt, s, k = re.fullmatch(r"t(\d+)w(\d+)m(\d+)s(\d+)(?:k(\d+))?", text).groups()
+    return Config(tokens=int(t), warpgroups=int(w), m_tiles=int(mt), stages=int(s), split_k=int(k or 1))
 
 
 def build(k, n, ablation, out_dir, config="t256w2m1s4"):

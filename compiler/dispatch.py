@@ -7,7 +7,7 @@ build.py for CUDA after the int4 pass, gives each int4 PrimFunc one copy per ent
 (`routes_for`: ROUTES, with FALLBACK_ROUTES' parts where the Hopper/tensor-core kernels do not take it),
     <name>_mma8, _mma16              tagged "nibble.kernel"="mma", "nibble.rows"=B   (schedules/gemv_mma.py)
     <name>_gemm32, _gemm64, ...      tagged "nibble.kernel"="gemm", "nibble.rows"=R  (schedules/gemm.py)
-    <name>_wgmma256, _wgmma1024      tagged "nibble.kernel"="wgmma", "nibble.rows"=R (schedules/gemm_wgmma.py)
+    <name>_wgmma64, ..., _wgmma1024  tagged "nibble.kernel"="wgmma", "nibble.rows"=R (schedules/gemm_wgmma.py)
     <name>_wgmma                     tagged "nibble.kernel"="wgmma" (no bound: every larger m)
 (FALLBACK_ROUTES' <name>_gemm256 and unbounded <name>_gemm where the wgmma GEMM does not take it)
 and replaces every `call_tir(<name>, args)` with a call to a private Relax function
@@ -46,26 +46,26 @@ ROWS_ATTR = "nibble.rows"  # = schedules.template.ROWS_ATTR
 #  * m <= 8 / 16: the tensor-core GEMV with one / two 8-token tiles: m = 1 44.1 us vs 48.0 for the
 #    CUDA-core GEMV, m = 2 45.3 vs 60.3 (gemv2), m = 4 47.0 vs 87.3 (gemv4), m = 8 53.2 vs 96.9 (gemm16),
 #    m = 16 82.0 vs 98.9 (gemm16).
-#  * m <= 32 / 64: mma.sync GEMM buckets whose 32- / 64-row tiles and auto K split fill the SMs
-#    (schedules/gemm.py).
-#  * m <= 256, <= 1024 and past: the Hopper wgmma GEMM (schedules/gemm_wgmma.py), its tile per bucket
-#    and N; where it does not take the shape (not sm_90), the mma.sync GEMM's 64- and 128-row tiles.
+#  * m <= 32, 64, 128, 256, 1024 and past: the Hopper wgmma GEMM (schedules/gemm_wgmma.py), its tile per
+#    bucket and N, its K split by the bucket's grid at m = R (so m = 128 and m = 200 get different
+#    splits; h200_bench_linear_wgmma_split.md): m = 32 92.0 us vs 118.8 for the mma.sync GEMM's 32-row
+#    bucket, m = 64 109.0 vs 182.2, m = 128 138.6 vs 164.9 in the 256 bucket.
+#    Where it does not take the shape (not sm_90, K % 128), the mma.sync GEMM's 32-, 64- and 128-row tiles.
 DECODE = ((8, "mma"), (16, "mma"))
-MIDDLE = ((32, "gemm"), (64, "gemm"))
-PREFILL = ((256, "wgmma"), (1024, "wgmma"), (None, "wgmma"))
-ROUTES = DECODE + MIDDLE + PREFILL
+PREFILL = ((32, "wgmma"), (64, "wgmma"), (128, "wgmma"), (256, "wgmma"), (1024, "wgmma"), (None, "wgmma"))
+ROUTES = DECODE + PREFILL
 # Where the tensor-core GEMV does not take a spec (pre-sm_80, groups not a multiple of 128, K % 128):
 #  * m <= 4: the CUDA-core GEMV (1.25-2.5x faster than cuBLAS fp16 there; past 4 tokens it is bound by
 #    L1 traffic for x and fp32 FMAs); m = 5..16 the split-K GEMM with 16-row tiles.
 DECODE_FALLBACK = ((1, "gemv"), (2, "gemv"), (4, "gemv"), (16, "gemm"))
-PREFILL_FALLBACK = ((256, "gemm"), (None, "gemm"))
-FALLBACK_ROUTES = DECODE_FALLBACK + MIDDLE + PREFILL_FALLBACK
+PREFILL_FALLBACK = ((32, "gemm"), (64, "gemm"), (256, "gemm"), (None, "gemm"))
+FALLBACK_ROUTES = DECODE_FALLBACK + PREFILL_FALLBACK
 BUCKETS = tuple(r for r, kind in FALLBACK_ROUTES if kind == "gemv")  # the CUDA-core GEMV buckets
 # Copies the benchmark times beside the routed one (bench_linear.py --candidates): every bucket that
 # could serve an m, so one GPU run can move the bounds above.
 CANDIDATES = ((1, "gemv"), (2, "gemv"), (4, "gemv"), (8, "gemv"), (16, "gemv"), (8, "mma"), (16, "mma"),
-              (16, "gemm"), (32, "gemm"), (64, "gemm"), (256, "gemm"), (None, "gemm"), (64, "wgmma"),
-              (256, "wgmma"), (1024, "wgmma"), (None, "wgmma"))
+              (16, "gemm"), (32, "gemm"), (64, "gemm"), (256, "gemm"), (None, "gemm"), (32, "wgmma"),
+              (64, "wgmma"), (128, "wgmma"), (256, "wgmma"), (1024, "wgmma"), (None, "wgmma"))
 
 
 def parse_copy(copy: str) -> tuple:
@@ -86,11 +86,11 @@ def kernel_for(m: int, routes=ROUTES) -> str:
 
 def routes_for(spec: dict, arch: str | None) -> tuple:
     """The routes of an int4 spec on arch ("sm_90"): DECODE where the tensor-core GEMV takes it (else
-    DECODE_FALLBACK), MIDDLE, then PREFILL where the wgmma GEMM takes it (else PREFILL_FALLBACK)."""
+    DECODE_FALLBACK), then PREFILL where the wgmma GEMM takes it (else PREFILL_FALLBACK)."""
     from schedules.gemm_wgmma import takes as wgmma_takes
     from schedules.gemv_mma import takes as mma_takes
 
-    return ((DECODE if mma_takes(spec, arch) else DECODE_FALLBACK) + MIDDLE
+    return ((DECODE if mma_takes(spec, arch) else DECODE_FALLBACK)
             + (PREFILL if wgmma_takes(spec, arch) else PREFILL_FALLBACK))
 
 

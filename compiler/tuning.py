@@ -42,7 +42,10 @@ CONFIG_ATTR = "nibble.config"  # PrimFunc attr: the Config fields a rule must us
 TEMPLATES = {"gemv": "schedules.gemv", "mma": "schedules.gemv_mma", "gemm": "schedules.gemm",
              "wgmma": "schedules.gemm_wgmma", "cpu": "schedules.cpu"}
 DEFAULT_DIR = Path(os.environ.get("NIBBLE_TUNING_LOGS", Path(__file__).resolve().parents[1] / "tuning_logs"))
-PREFILL_M = 512  # token count the unbounded GEMM copy is tuned at (bucket copies: at their bound)
+# token count the unbounded GEMM copy is tuned at (bucket copies: at their bound). It serves m > 1024 on
+# sm_90 (> 256 on the fallback routes): at 512 the tuner once picked for 11008->4096 a 4-way K split of
+# 192-token tiles that ran 0.74x the default's speed at 2048 tokens (benchmarks/results/h200_tune.md).
+PREFILL_M = 2048
 CPU_M = 16
 FAILED_US = 1e29  # records at or above this time mark candidates that failed or were declined
 L2_BYTES = 60 << 20  # H200/H100 L2; tuning measurements rotate more weight bytes than 3x this

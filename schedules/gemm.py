@@ -57,7 +57,7 @@ from __future__ import annotations
 import dataclasses
 from string import Template
 
-from .template import ATTR, KERNEL_ATTR, ROWS_ATTR, TemplateRule, indent, signature
+from .template import ATTR, KERNEL_ATTR, ROWS_ATTR, TemplateRule, indent, signature, split_k_reduce
 CONFIG_ATTR = "nibble.config"  # = compiler.tuning.CONFIG_ATTR: a tuned Config for this copy's launch
 VERSION = 2  # bump when the template changes meaning: tuning records of other versions are ignored
 # v2: one launch per bucket copy (was: small/large picked inside the copy), split_k
@@ -287,26 +287,6 @@ $DEQUANT_NEXT
 $EPILOGUE
 ''')
 
-# The split-K reduction: one thread per 4 outputs, the S fp32 partials summed in slice order (all S
-# loads issued before the adds), + bias, rounded to fp16 once. Reads ws[m, S, N] from L2 (just written;
-# the S partials of one output sit N floats apart, so one base address serves all S vector loads).
-_REDUCE = Template('''
-for rb in T.thread_binding((m * T.int64($NV) + T.int64(255)) // T.int64(256), thread="blockIdx.x"):
-    for rt in T.thread_binding(256, thread="threadIdx.x"):
-        part = T.alloc_buffer(($SPLIT, 4), "float32", scope="local")
-        e = T.meta_var(rb * T.int64(256) + T.Cast("int64", rt))  # this thread's 4-output chunk
-        if e < m * T.int64($NV):
-            for z in T.unroll($SPLIT):
-                for v in T.vectorized(4):
-                    part[z, v] = ws[e // T.int64($NV), z, e % T.int64($NV) * T.int64(4) + T.Cast("int64", v)]
-            for z in T.unroll(1, $SPLIT):
-                for v in T.vectorized(4):
-                    part[0, v] = part[0, v] + part[z, v]
-            for v in T.vectorized(4):
-                y[e // T.int64($NV), e % T.int64($NV) * T.int64(4) + T.Cast("int64", v)] = T.Cast("float16", $VAL)
-''')
-
-
 def _swz(row: str, chunk: str, chunks: int) -> str:
     """XOR swizzle of the 16 B chunk index within a row so that 8 consecutive rows of one logical chunk
     land in 8 different bank groups (ldmatrix reads 8 rows x 16 B per matrix)."""
@@ -469,11 +449,8 @@ def gemm_func(attrs: dict, arch: ArchConfig, rows: int | None = None, tuned: Con
     c, split = planned
     body = _launch(c, n, k, g, sym, bias, split)
     if split > 1:
-        val = "part[0, v]"
-        if bias:
-            val += f' + T.Cast("float32", bias[e % T.int64({n // 4}) * T.int64(4) + T.Cast("int64", v)])'
-        body = "\n".join([f'ws = T.alloc_buffer((m, {split}, T.int64({n})), "float32", scope="global")',
-                          body, _REDUCE.substitute(SPLIT=split, NV=n // 4, VAL=val).strip("\n")])
+        ws, reduce = split_k_reduce(n, split, bias)
+        body = "\n".join([ws, body, reduce])
     src = _FUNC.substitute(SIGNATURE=signature("gemm", attrs), BODY=indent(body, 4))
     if source_only:
         return src

@@ -1,8 +1,8 @@
 """Prefill-time (many tokens) schedule for the fused int4 matmul on Hopper: wgmma with W in registers.
 
 Recognizes the copies of the "nibble.int4" PrimFunc that compiler/dispatch.py tagged
-`"nibble.kernel" = "wgmma"` (on sm_90 the copies for m <= 256, <= 1024 and the unbounded one; the
-bound "nibble.rows" picks the default tile); anything else, or a shape the kernel does not take (see
+`"nibble.kernel" = "wgmma"` (on sm_90 the copies for m <= 32, 64, 128, 256, 1024 and the unbounded one;
+the bound "nibble.rows" picks the default tile and K split); anything else, or a shape the kernel does not take (see
 `takes`), returns None.
 
 Why: schedules/gemm.py runs mma.sync and reaches ~300 TFLOP/s at 2048 tokens on an H200, where cuBLAS
@@ -13,8 +13,9 @@ into shared memory, is B through a shared-memory descriptor (vLLM's Machete give
 same roles).
 
 Per thread block: WG warpgroups (128 threads each) own MT 64-row tiles of W each (BN = 64 WG MT rows
-of N), all on the same BT tokens (BT = wgmma's n, <= 256, so one instruction covers the token tile); K is walked in
-64-k blocks through an S-stage cp.async ring in shared memory:
+of N), all on the same BT tokens (BT = wgmma's n, <= 256, so one instruction covers the token tile); K,
+or with split_k = SPLIT > 1 this block's slice of it (blockIdx.z), is walked in 64-k blocks through an
+S-stage cp.async ring in shared memory:
   * x tile: BT token rows x 128 B (64 fp16 k), in wgmma's canonical K-major 128 B-swizzled layout
     (16 B chunk c of row n at n * 128 + (c ^ n % 8) * 16, 1 KiB-aligned atoms); rows past m are
     zero-filled by cp.async (src-size 0). The descriptor: start address, stride 1 KiB between 8-row
@@ -31,87 +32,124 @@ of N), all on the same BT tokens (BT = wgmma's n, <= 256, so one instruction cov
     (into one of two register buffers), issue its 4 wgmmas and commit them, then wait until only these
     are in flight: the previous block's wgmmas overlap this block's barrier and decode. The barrier of
     the next block then proves every warpgroup is done with the ring slot the next copies overwrite.
-  * epilogue: accumulators (fp32; lane holds rows r, r + 8 x tokens 8i + 2t, 8i + 2t + 1) + bias,
-    rounded to fp16, stored for tokens < m.
-Accumulation is fp32 throughout. Knobs in Config, per-arch defaults in DEFAULTS (by token bucket and
-N); `nibble tune` searches SPACE. The kernel body is CUDA (a helper called from a one-statement TIR
+  * epilogue through shared memory (the ring, now free): the accumulators (fp32; lane holds rows r,
+    r + 8 x tokens 8i + 2t, 8i + 2t + 1) + bias, rounded to fp16, go by `stmatrix .trans` into a
+    [token][row] tile (rows padded by 16 B: conflict-free), then whole 16 B rows of it to y for tokens
+    < m (stored straight they were scattered 2 B writes: 3-5% slower at 2048 tokens).
+  * split K: the slice's fp32 partial (no bias) goes through the same tile to a workspace ws[m, SPLIT,
+    N], and a second kernel in the PrimFunc (template.split_k_reduce, shared with schedules/gemm.py)
+    sums the slices in order, adds the bias and rounds. Slices are whole 128-k pairs; one that starts
+    inside a group (groups > 128) loads that group's scales first.
+Accumulation is fp32 throughout. Knobs in Config, per-arch defaults in DEFAULTS (tile by token bucket
+and N, K split by a rule: about one block per SM at m = the bucket's bound); `nibble tune` searches
+SPACE. The kernel body is CUDA (a helper called from a one-statement TIR
 launch), as the asm operands of wgmma (BT / 2 accumulator registers) have no TIR spelling. nvcc
 builds it for sm_90a (compiler/cuda.py).
 
-Measured on the H200 (benchmarks/results/README.md): 0.82-0.87x cuBLAS fp16 at 2048 tokens (~600-650
-TFLOP/s, 2x the mma.sync GEMM), 0.52-0.64x at 200. Not yet: a warp-specialized producer with
-mbarriers (the loads and the decode overlap the wgmmas only in part: h200_wgmma_ablation.md), stores
-through shared memory, a persistent grid, a K split for few blocks.
+Measured on the H200 (benchmarks/results/README.md): 0.79-0.85x cuBLAS fp16 at 2048 tokens (~600-660
+TFLOP/s, 2x the mma.sync GEMM), 0.56-0.78x at 200, 1.08-1.47x at 32. Not yet: x by TMA (its cp.async
+copies are the largest removable part: h200_wgmma_ablation.md), a warp-specialized producer with
+mbarriers (the loads and the decode overlap the wgmmas only in part), a persistent grid.
 """
 from __future__ import annotations
 
 import dataclasses
 from string import Template
 
-from .template import ATTR, ROWS_ATTR, TemplateRule, signature
+from .template import ATTR, ROWS_ATTR, TemplateRule, indent, signature, split_k_reduce
 
 BK = 64  # k per ring stage: one 128 B swizzle atom of fp16 x per token row
-VERSION = 1  # bump when the kernel changes meaning: tuning records of other versions are ignored
+VERSION = 2  # bump when the kernel changes meaning: tuning records of other versions are ignored
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
-    tokens: int = 256  # BT: tokens per block = wgmma n (multiple of 8, <= 256); BT / 2 fp32 acc per thread
+    tokens: int = 256  # BT: tokens per block = wgmma n (multiple of 16, <= 256); BT / 2 fp32 acc per thread
     warpgroups: int = 2  # WG: warpgroups per block (they share the x tile)
     m_tiles: int = 1  # MT: 64-row tiles per warpgroup (BN = 64 WG MT W rows per block: x is read once per
     # BN rows, so more rows per block means less x traffic; MT BT / 2 fp32 accumulators per thread)
     stages: int = 4  # S: cp.async ring depth; S - 2 blocks of 64 k in flight beyond the one computed
+    split_k: int = 1  # K slices over blockIdx.z (fp32 partials + a reduction kernel) for grids of few blocks
 
     @property
     def rows(self) -> int:
         return 64 * self.warpgroups * self.m_tiles
 
+    def label(self) -> str:
+        return (f"t{self.tokens}w{self.warpgroups}m{self.m_tiles}s{self.stages}"
+                + (f"k{self.split_k}" if self.split_k > 1 else ""))
+
     def check(self) -> str | None:
-        if self.tokens % 8 or not 8 <= self.tokens <= 256:
-            return "tokens must be a multiple of 8 in [8, 256] (wgmma n)"
+        if self.tokens % 16 or not 16 <= self.tokens <= 256:
+            return "tokens must be a multiple of 16 in [16, 256] (wgmma n; the epilogue stores 16 at a time)"
         if self.warpgroups not in (1, 2, 3, 4) or self.m_tiles not in (1, 2):
             return "warpgroups must be 1..4, m_tiles 1 or 2"
         if self.stages < 3:
             return "stages must be >= 3"
+        if self.split_k < 1:
+            return "split_k must be >= 1"
         regs = self.m_tiles * (self.tokens // 2 + 32) + 40  # accumulators, two A buffers, the rest
         if regs > 255 or self.warpgroups * 128 * regs > 65536:
             return "accumulators exceed the register file"
         return None
 
     def smem_bytes(self) -> int:
-        return self.stages * (self.tokens * 128 + self.rows * 32) + 1024  # + alignment slack
+        ring = self.stages * (self.tokens * 128 + self.rows * 32)
+        return max(ring, self.tokens * _tile_row_bytes(self)) + 1024  # + alignment slack
+
+
+def _tile_row_bytes(cfg: Config) -> int:
+    """Bytes per token row of the epilogue's output tile in shared memory (it reuses the ring): fp16 rows
+    + 16 B (stmatrix's 8 rows of 16 B then hit 8 different bank groups), or, split, fp32 rows + 16 B."""
+    return cfg.rows * (2 if cfg.split_k == 1 else 4) + 16
 
 
 @dataclasses.dataclass(frozen=True)
 class ArchConfig:
     """Per-arch defaults: by the copy's token bound R (compiler/dispatch.py; None = unbounded) and N, the
-    Config: ((max R, ((max N, Config), ...)), ...), both by increasing bound."""
+    tile: ((max R, ((max N, Config), ...)), ...), both by increasing bound. The K split is a rule, not a
+    table entry: a bounded copy whose grid at m = R has B < sms blocks splits K into round(sms / B)
+    slices (at most split_max), so the grid holds about one block per SM."""
 
     by_rows: tuple
+    sms: int = 132
+    split_max: int = 8
 
 
-# H200 (bench_linear.py --candidates, WGMMA_VARIANTS; h200_bench_linear_wgmma_candidates.md), us:
-#  * m <= 256: 64 W rows per block, so ~200 tokens still make >= 128 blocks: at m = 200 4096->4096
-#    26.7-27.2 us vs 53.8 (t256w2), 11008->4096 68.8 (t64) vs 137.0; N >= 12288 fills the SMs with
-#    128-token tiles (55.3 vs 69.9 with t64 on 4096->12288).
-#  * m <= 1024: N = 4096 wants 128-token tiles (m = 512: 38.6 vs 52.4 us, 11008->4096 95.1 vs 132.6),
-#    wider N the 256-token, 128-row tile (4096->22016: 175.1 vs 243.8).
-#  * larger m: 256 tokens x 128 rows (m = 2048: 116.8 us on 4096->4096 vs 161 with 128 tokens).
+# H200 (bench_linear.py --candidates, WGMMA_VARIANTS; h200_bench_linear_wgmma_split.md), us:
+#  * N <= 4096 has few row blocks, so a 128-row tile (2 warpgroups) with the K split filling the SMs:
+#    m = 32 4096->4096 10.9 us (32 tokens, split 4) vs 14.1 for the mma.sync GEMM, 11008->4096 22.9 vs 26.1;
+#    m = 64 12.8 (64 tokens, split 4) vs 17.5, 27.2 vs 36.1;
+#    m = 128 15.8 / 30.9 (128 tokens, split 4) vs 23.3 / 63.2 unsplit 64-row tiles; m = 200 23.2 / 51.2
+#    (split 2) vs 26.6 / 68.3.
+#  * wider N fills the SMs with row blocks: 64 rows x 32 tokens at m <= 32 (4096->12288 25.9 vs 28.4,
+#    4096->22016 32.3 vs 50.1), x 64 at m <= 64 (28.2 vs 46.9, 36.8 vs 85.0), x 128 to m = 256.
+#  * m <= 1024: N = 4096 wants 128-token tiles (m = 512: 37.5 vs 52.8 us, 11008->4096 114.9 vs 137.8),
+#    wider N the 256-token, 128-row tile (4096->22016: 164.3 vs 232.5).
+#  * larger m: 256 tokens x 128 rows (m = 2048: 113.8 us on 4096->4096 vs 153.4 with 128 tokens).
 _BIG = Config()
 _H200 = ArchConfig(by_rows=(
-    (256, ((4096, Config(tokens=64, warpgroups=1)), (1 << 30, Config(tokens=128, warpgroups=1)))),
+    (32, ((4096, Config(tokens=32)), (1 << 30, Config(tokens=32, warpgroups=1)))),
+    (64, ((4096, Config(tokens=64)), (1 << 30, Config(tokens=64, warpgroups=1)))),
+    (256, ((4096, Config(tokens=128)), (1 << 30, Config(tokens=128, warpgroups=1)))),
     (1024, ((4096, Config(tokens=128)), (1 << 30, _BIG))),
     (1 << 30, ((1 << 30, _BIG),))))
 DEFAULTS = {"sm_90": _H200}
 
 
 def default_for(arch: ArchConfig, n: int, rows: int | None) -> Config:
-    """The untuned Config of the copy serving m <= rows (None: unbounded) of an N-feature linear."""
+    """The untuned Config of the copy serving m <= rows (None: unbounded) of an N-feature linear: the
+    tile of by_rows, with the split rule's K slices."""
     by_n = next(e for r, e in arch.by_rows if (rows if rows is not None else 1 << 30) <= r)
-    return next(c for max_n, c in by_n if n <= max_n)
+    cfg = next(c for max_n, c in by_n if n <= max_n)
+    if rows is None:
+        return cfg
+    blocks = -(-rows // cfg.tokens) * max(1, n // cfg.rows)
+    return dataclasses.replace(cfg, split_k=max(1, min(arch.split_max, round(arch.sms / blocks))))
 
 
-SPACE = {"tokens": (64, 128, 192, 256), "warpgroups": (1, 2), "m_tiles": (1, 2), "stages": (3, 4, 5)}
+SPACE = {"tokens": (64, 128, 192, 256), "warpgroups": (1, 2), "m_tiles": (1, 2), "stages": (3, 4, 5),
+         "split_k": (1, 2, 4)}
 MAX_SMEM = 227 * 1024
 
 
@@ -123,7 +161,7 @@ def takes(attrs: dict, arch: str | None, cfg: Config | None = None) -> bool:
     n, k, g = int(attrs["n"]), int(attrs["k"]), int(attrs["group_size"])
     return (arch == "sm_90" and str(attrs["x_dtype"]) == "float16" and k % (2 * BK) == 0
             and g % BK == 0 and n % cfg.rows == 0 and cfg.check() is None
-            and cfg.smem_bytes() <= MAX_SMEM and k // BK >= cfg.stages)
+            and cfg.smem_bytes() <= MAX_SMEM and k // (2 * BK) // cfg.split_k * 2 >= cfg.stages)
 
 
 _COMMON = r"""
@@ -148,6 +186,10 @@ __forceinline__ __device__ unsigned nbw_dq(unsigned w, unsigned sel, half2 add, 
   half2 h = __hmul2(__hfma2(*reinterpret_cast<half2*>(&v), mul, add), s);
   return *reinterpret_cast<unsigned*>(&h);
 }
+__forceinline__ __device__ unsigned nbw_pack(float lo, float hi) {
+  half2 h = __floats2half2_rn(lo, hi);
+  return *reinterpret_cast<unsigned*>(&h);
+}
 __forceinline__ __device__ unsigned long long nbw_desc(unsigned addr) {
   // K-major, 128 B swizzle (layout type 1 in bits 62-63), stride 1 KiB between 8-row groups
   return (1ull << 62) | (64ull << 32) | (1ull << 16) | (unsigned long long)((addr >> 4) & 0x3FFF);
@@ -158,15 +200,20 @@ __forceinline__ __device__ unsigned long long nbw_desc(unsigned addr) {
 _BODY = Template(r"""
 __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned* __restrict__ qw,
     const half* __restrict__ sc, const half* __restrict__ zr, const half* __restrict__ bias,
-    half* __restrict__ y, unsigned char* smem, long long m, int bx, int by, int tid) {
-  constexpr int K = $K, N = $N, G = $G, NG = K / G, KW = K / 8, KB = K / 64, BT = $BT, WG = $WG, MT = $MT;
+    half* __restrict__ y, void* ws_, unsigned char* smem, long long m, int bx, int by, int bz, int tid) {
+  constexpr int K = $K, N = $N, G = $G, NG = K / G, KW = K / 8, BT = $BT, WG = $WG, MT = $MT, SPLIT = $SPLIT;
   constexpr int S = $S, BN = 64 * WG * MT, THREADS = 128 * WG, XST = BT * 128, STAGE = XST + BN * 32;
+  constexpr int PAIRS = K / 128, YST = $YST;  // 128-k pairs of blocks; bytes per token row of the out tile
   const unsigned base = (nbw_smem(smem) + 1023u) & ~1023u;  // 1 KiB-aligned swizzle atoms
   const int warp = tid / 32, lane = tid % 32, r = lane / 4, t = lane % 4;
   // this lane's rows in the block, per m-tile mt: lrow + 64 mt and lrow + 64 mt + 8
-  const int lrow = warp / 4 * (64 * MT) + warp % 4 * 16 + r;
+  const int wrow = warp / 4 * (64 * MT) + warp % 4 * 16, lrow = wrow + r;
   const long long row0 = (long long)bx * BN + lrow;
   const long long tok0 = (long long)by * BT;
+  // this block's K slice: pairs [pbeg, pend) = 64-k blocks [kbeg, kend) (sizes differ by at most one
+  // pair; constants without a split: a known trip count and parity keep the step's branches static)
+  const int pbeg = SPLIT == 1 ? 0 : bz * PAIRS / SPLIT, pend = SPLIT == 1 ? PAIRS : (bz + 1) * PAIRS / SPLIT;
+  const int kbeg = 2 * pbeg, kend = 2 * pend;
   auto load = [&](int kb) {
     const unsigned st = base + (kb % S) * STAGE;
 #pragma unroll
@@ -190,14 +237,15 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
   unsigned a[2][MT * 16];
   const unsigned sel = t | 0x40u | (t << 8) | 0x4000u;  // bytes [b_t, 0, b_t, 0]
 #pragma unroll
-  for (int kb = 0; kb < S - 2; ++kb) {
-    load(kb);
+  for (int i = 0; i < S - 2; ++i) {
+    if (kbeg + i < kend) load(kbeg + i);
     nbw_commit();
   }
   half2 s0[MT], s8[MT], z0[MT], z8[MT];
   half q0[MT], q8[MT], e0[MT], e8[MT];  // the group's raw scales / zeros, loaded before the barrier
   auto step = [&](int kb, unsigned* ab) {
-    const bool new_group = kb % (G / 64) == 0;
+    // a slice starts at a group boundary unless groups span more than one pair
+    const bool new_group = kb % (G / 64) == 0 || (G > 128 && kb == kbeg);
     if (new_group) {
       const int gi = kb * 64 / G;
 #pragma unroll
@@ -212,7 +260,7 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
     nbw_wait<S - 3>();
     asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
     __syncthreads();
-    if (kb + S - 2 < KB) load(kb + S - 2);
+    if (kb + S - 2 < kend) load(kb + S - 2);
     nbw_commit();
     const unsigned st = base + (kb % S) * STAGE;
     unsigned w0[MT][8], w8[MT][8];  // this lane's two rows' 8 words per m-tile
@@ -255,31 +303,86 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
   };
-  for (int kb = 0; kb < KB; kb += 2) {  // two register buffers: constant indices keep them registers
-    step(kb, a[0]);
-    step(kb + 1, a[1]);
+  for (int p = pbeg; p < pend; ++p) {  // two register buffers: constant indices keep them registers
+    step(2 * p, a[0]);
+    step(2 * p + 1, a[1]);
   }
   asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
 #pragma unroll
   for (int i = 0; i < MT * BT / 2; ++i) asm volatile("" : "+f"(acc[i]) :: "memory");
+  // Epilogue through shared memory (the ring, now free): the accumulators hold 2 tokens of one W row per
+  // register pair, so stored straight they would be scattered 2 B writes; staged as a [token][row] tile
+  // they leave as whole 16 B rows of y (or of the split's fp32 partials).
+  nbw_wait<0>();
+  __syncthreads();
+  // the epilogue's thread index from behind an empty asm: otherwise nvcc hoists its addresses above the
+  // main loop and holds them there (+28 registers at 128 tokens x 1 warpgroup: 3 -> 2 blocks per SM)
+  int etid = tid;
+  asm volatile("" : "+r"(etid));
+  const int elane = etid % 32, erow = etid / 128 * (64 * MT) + etid / 32 % 4 * 16;  // = lane, wrow
 #pragma unroll
   for (int mt = 0; mt < MT; ++mt) {
+    const float* c = acc + mt * (BT / 2);
+$STAGE_OUT
+  }
+  __syncthreads();
+$STORE_OUT
+}
+""")
+
+# fp16 out: + bias, round, and stmatrix.trans: 8 x 8 matrix j = lane / 8 of the x4 is token block i + j / 2,
+# rows + 8 (j % 2); lane's address is its token row (lane % 8) of that matrix; each row stores 8 W rows.
+_STAGE_Y = r"""
     const long long ra = row0 + 64 * mt, rb = ra + 8;
     const float b0 = $B0, b8 = $B8;
+    const int j = elane / 8;
+    const unsigned dst = base + (elane % 8 + 8 * (j / 2)) * YST + (erow + 64 * mt + 8 * (j % 2)) * 2;
+#pragma unroll
+    for (int i = 0; i < BT / 8; i += 2) {
+      asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};"
+                   :: "r"(dst + 8 * i * YST), "r"(nbw_pack(c[4 * i] + b0, c[4 * i + 1] + b0)),
+                   "r"(nbw_pack(c[4 * i + 2] + b8, c[4 * i + 3] + b8)),
+                   "r"(nbw_pack(c[4 * i + 4] + b0, c[4 * i + 5] + b0)),
+                   "r"(nbw_pack(c[4 * i + 6] + b8, c[4 * i + 7] + b8)) : "memory");
+    }
+"""
+_STORE_Y = r"""
+#pragma unroll
+  for (int i = 0; i < BT * BN / 8 / THREADS; ++i) {  // 16 B chunks: BN / 8 per token row
+    const int c = etid + i * THREADS, n = c / (BN / 8), ch = c % (BN / 8);
+    if (tok0 + n < m) {
+      unsigned v[4];
+      nbw_lds128(base + n * YST + ch * 16, v);
+      *reinterpret_cast<uint4*>(y + (tok0 + n) * N + (long long)bx * BN + ch * 8) = make_uint4(v[0], v[1], v[2], v[3]);
+    }
+  }
+"""
+# split: the slice's fp32 partial (no bias: the reduction adds it), one 4 B store per accumulator (banks
+# 8 t + r: a row of the tile is BN + 4 words), then float4 rows of ws[m, SPLIT, N]
+_STAGE_WS = r"""
 #pragma unroll
     for (int i = 0; i < BT / 8; ++i) {
 #pragma unroll
       for (int e = 0; e < 2; ++e) {
-        const long long tok = tok0 + 8 * i + 2 * t + e;
-        if (tok < m) {
-          y[tok * N + ra] = __float2half(acc[mt * (BT / 2) + 4 * i + e] + b0);
-          y[tok * N + rb] = __float2half(acc[mt * (BT / 2) + 4 * i + 2 + e] + b8);
-        }
+        const unsigned at = base + (8 * i + elane % 4 * 2 + e) * YST + (erow + elane / 4 + 64 * mt) * 4;
+        asm volatile("st.shared.f32 [%0], %1;" :: "r"(at), "f"(c[4 * i + e]) : "memory");
+        asm volatile("st.shared.f32 [%0], %1;" :: "r"(at + 32), "f"(c[4 * i + 2 + e]) : "memory");
       }
     }
+"""
+_STORE_WS = r"""
+  float* ws = reinterpret_cast<float*>(ws_);
+#pragma unroll
+  for (int i = 0; i < BT * BN / 4 / THREADS; ++i) {  // 16 B chunks: BN / 4 per token row
+    const int c = etid + i * THREADS, n = c / (BN / 4), ch = c % (BN / 4);
+    if (tok0 + n < m) {
+      unsigned v[4];
+      nbw_lds128(base + n * YST + ch * 16, v);
+      *reinterpret_cast<uint4*>(ws + ((tok0 + n) * SPLIT + bz) * N + (long long)bx * BN + ch * 4) =
+          make_uint4(v[0], v[1], v[2], v[3]);
+    }
   }
-}
-""")
+"""
 
 
 def _wgmma_asm(bt: int) -> str:
@@ -298,26 +401,32 @@ def kernel_source(attrs: dict, cfg: Config) -> tuple[str, str]:
     """(helper name, CUDA source) of the kernel body for one int4 spec and config."""
     n, k, g = int(attrs["n"]), int(attrs["k"]), int(attrs["group_size"])
     sym, bias = bool(attrs["symmetric"]), bool(attrs["has_bias"])
-    name = (f"nb_wgmma_n{n}_k{k}_g{g}_t{cfg.tokens}_w{cfg.warpgroups}_m{cfg.m_tiles}_s{cfg.stages}"
-            f"{'' if sym else '_z'}{'_b' if bias else ''}")
+    name = f"nb_wgmma_n{n}_k{k}_g{g}_{cfg.label()}{'' if sym else '_z'}{'_b' if bias else ''}"
     zero = "__float2half(8.f)" if sym else None
-    body = _BODY.substitute(
-        NAME=name, K=k, N=n, G=g, BT=cfg.tokens, WG=cfg.warpgroups, MT=cfg.m_tiles, S=cfg.stages, WGMMA=_wgmma_asm(cfg.tokens),
-        Z0=zero or "zr[ra * NG + gi]", Z8=zero or "zr[rb * NG + gi]",
+    split = cfg.split_k > 1
+    stage = Template(_STAGE_WS if split else _STAGE_Y).substitute(
         B0="__half2float(bias[ra])" if bias else "0.f", B8="__half2float(bias[rb])" if bias else "0.f")
+    body = _BODY.substitute(
+        NAME=name, K=k, N=n, G=g, BT=cfg.tokens, WG=cfg.warpgroups, MT=cfg.m_tiles, S=cfg.stages,
+        SPLIT=cfg.split_k, YST=_tile_row_bytes(cfg), WGMMA=_wgmma_asm(cfg.tokens),
+        Z0=zero or "zr[ra * NG + gi]", Z8=zero or "zr[rb * NG + gi]",
+        STAGE_OUT=stage.strip("\n"), STORE_OUT=(_STORE_WS if split else _STORE_Y).strip("\n"))
     return name, _COMMON + body
 
 
 _KERNEL = Template('''
 $SIGNATURE
-    for by in T.thread_binding((m + T.int64($BT - 1)) // T.int64($BT), thread="blockIdx.y"):
-        for bx in T.thread_binding($NBLK, thread="blockIdx.x"):
-            for tx in T.thread_binding($THREADS, thread="threadIdx.x"):
-                smem = T.alloc_buffer(($SMEM,), "uint8", scope="shared.dyn")
-                T.evaluate(T.cuda.func_call(
-                    "$NAME", x.access_ptr("r"), qweight.access_ptr("r"), scales.access_ptr("r"),
-                    $ZPTR, $BPTR, y.access_ptr("w"), smem.access_ptr("rw"), m, bx, by, tx,
-                    source_code=$SRC))
+$WS
+    for bz in T.thread_binding($SPLIT, thread="blockIdx.z"):
+        for by in T.thread_binding((m + T.int64($BT - 1)) // T.int64($BT), thread="blockIdx.y"):
+            for bx in T.thread_binding($NBLK, thread="blockIdx.x"):
+                for tx in T.thread_binding($THREADS, thread="threadIdx.x"):
+                    smem = T.alloc_buffer(($SMEM,), "uint8", scope="shared.dyn")
+                    T.evaluate(T.cuda.func_call(
+                        "$NAME", x.access_ptr("r"), qweight.access_ptr("r"), scales.access_ptr("r"),
+                        $ZPTR, $BPTR, y.access_ptr("w"), $WSPTR, smem.access_ptr("rw"), m, bx, by, bz, tx,
+                        source_code=$SRC))
+$REDUCE
 ''')
 
 
@@ -329,10 +438,12 @@ def gemm_wgmma_func(attrs: dict, cfg: Config, arch: str = "sm_90"):
     sym, bias = bool(attrs["symmetric"]), bool(attrs["has_bias"])
     name, src = kernel_source(attrs, cfg)
     null = 'scales.access_ptr("r")'  # stands in for absent zeros / bias (never read)
+    ws, reduce = split_k_reduce(n, cfg.split_k, bias) if cfg.split_k > 1 else ("", "")
     text = _KERNEL.substitute(
-        SIGNATURE=signature("gemm_wgmma", attrs), BT=cfg.tokens, NBLK=n // cfg.rows,
+        SIGNATURE=signature("gemm_wgmma", attrs), BT=cfg.tokens, NBLK=n // cfg.rows, SPLIT=cfg.split_k,
         THREADS=128 * cfg.warpgroups, SMEM=cfg.smem_bytes(), NAME=name, SRC=repr(src),
-        ZPTR=null if sym else 'zeros.access_ptr("r")', BPTR='bias.access_ptr("r")' if bias else null)
+        ZPTR=null if sym else 'zeros.access_ptr("r")', BPTR='bias.access_ptr("r")' if bias else null,
+        WS=indent(ws, 4), WSPTR='ws.access_ptr("w")' if ws else 'y.access_ptr("w")', REDUCE=indent(reduce, 4))
     import tvm
     from tvm.script import tirx as T  # noqa: F401  (the template's T)
 
@@ -366,5 +477,6 @@ def default_config(target, func=None) -> Config:
         return _BIG
     rows = int(func.attrs[ROWS_ATTR]) if ROWS_ATTR in func.attrs else None
     cfg = default_for(arch, int(func.attrs[ATTR]["n"]), rows)
-    return cfg if takes(func.attrs[ATTR], "sm_90", cfg) else Config(tokens=cfg.tokens, warpgroups=1,
-                                                                    stages=cfg.stages)
+    # where the shape refuses it: unsplit, then one warpgroup (64-row blocks divide any N takes allows)
+    tries = (cfg, dataclasses.replace(cfg, split_k=1), Config(tokens=cfg.tokens, warpgroups=1, stages=cfg.stages))
+    return next((c for c in tries if takes(func.attrs[ATTR], "sm_90", c)), tries[-1])

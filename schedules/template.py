@@ -6,6 +6,8 @@ with None, leaving the function to dlight) and keeps the original's attrs (globa
 """
 from __future__ import annotations
 
+from string import Template
+
 from tvm.s_tir.dlight.base import ScheduleRule
 
 ATTR = "nibble.int4"  # = compiler.int4_kernel.ATTR (not imported: schedules must not need compiler/)
@@ -37,6 +39,37 @@ def signature(name: str, attrs: dict) -> str:
         "    m = T.int64()",
         f'    x = T.match_buffer(x_h, (m, T.int64({k})), "{xd}")',
         f'    y = T.match_buffer(y_h, (m, T.int64({n})), "{xd}")'])
+
+
+# The split-K reduction: one thread per 4 outputs, the S fp32 partials summed in slice order (all S
+# loads issued before the adds), + bias, rounded to fp16 once. Reads ws[m, S, N] from L2 (just written;
+# the S partials of one output sit N floats apart, so one base address serves all S vector loads).
+_REDUCE = Template('''
+for rb in T.thread_binding((m * T.int64($NV) + T.int64(255)) // T.int64(256), thread="blockIdx.x"):
+    for rt in T.thread_binding(256, thread="threadIdx.x"):
+        part = T.alloc_buffer(($SPLIT, 4), "float32", scope="local")
+        e = T.meta_var(rb * T.int64(256) + T.Cast("int64", rt))  # this thread's 4-output chunk
+        if e < m * T.int64($NV):
+            for z in T.unroll($SPLIT):
+                for v in T.vectorized(4):
+                    part[z, v] = ws[e // T.int64($NV), z, e % T.int64($NV) * T.int64(4) + T.Cast("int64", v)]
+            for z in T.unroll(1, $SPLIT):
+                for v in T.vectorized(4):
+                    part[0, v] = part[0, v] + part[z, v]
+            for v in T.vectorized(4):
+                y[e // T.int64($NV), e % T.int64($NV) * T.int64(4) + T.Cast("int64", v)] = T.Cast("float16", $VAL)
+''')
+
+
+def split_k_reduce(n: int, split: int, bias: bool) -> tuple[str, str]:
+    """TVMScript of a split-K kernel's fp32 workspace ws[m, split, N] (a "global" T.alloc_buffer: TVM
+    allocates it per call from its device workspace pool, sized by the symbolic m) and of the reduction
+    kernel that follows the GEMM launch in the same PrimFunc: (alloc line, reduction launch)."""
+    val = "part[0, v]"
+    if bias:
+        val += f' + T.Cast("float32", bias[e % T.int64({n // 4}) * T.int64(4) + T.Cast("int64", v)])'
+    return (f'ws = T.alloc_buffer((m, {split}, T.int64({n})), "float32", scope="global")',
+            _REDUCE.substitute(SPLIT=split, NV=n // 4, VAL=val).strip("\n"))
 
 
 class TemplateRule(ScheduleRule):

@@ -7,7 +7,7 @@ import pytest
 import tvm
 from tvm import relax, te, tirx
 
-from compiler.dispatch import (BUCKETS, DECODE, DECODE_FALLBACK, FALLBACK_ROUTES, KERNEL_ATTR, MIDDLE, PREFILL,
+from compiler.dispatch import (BUCKETS, DECODE, DECODE_FALLBACK, FALLBACK_ROUTES, KERNEL_ATTR, PREFILL,
                                PREFILL_FALLBACK, ROUTES, ROWS_ATTR, dispatch_small_m, kernel_for, routes_for)
 from compiler.int4_kernel import ATTR
 from compiler.int4_pass import quantize_linears
@@ -40,8 +40,8 @@ def test_routes_for_picks_the_tensor_core_gemv_where_it_takes_the_shape():
     spec = {"n": 4096, "k": 4096, "group_size": 128, "x_dtype": "float16"}
     assert routes_for(spec, "sm_90") == ROUTES and routes_for(spec, "sm_75") == FALLBACK_ROUTES
     g64 = routes_for({**spec, "group_size": 64}, "sm_90")  # 64-k groups: the wgmma GEMM, not the mma GEMV
-    assert g64 == DECODE_FALLBACK + MIDDLE + PREFILL
-    assert routes_for(spec, "sm_80") == DECODE + MIDDLE + PREFILL_FALLBACK  # wgmma is Hopper-only
+    assert g64 == DECODE_FALLBACK + PREFILL
+    assert routes_for(spec, "sm_80") == DECODE + PREFILL_FALLBACK  # wgmma is Hopper-only
     assert routes_for(spec, None) == FALLBACK_ROUTES
     assert kernel_for(1) == "mma8" and kernel_for(1, FALLBACK_ROUTES) == "gemv1"
     assert kernel_for(200) == "wgmma256" and kernel_for(1000) == "wgmma1024" and kernel_for(1025) == "wgmma"
@@ -72,7 +72,7 @@ def test_dispatch_structure_with_gemm_buckets():
     kinds = sorted((str(f.attrs[KERNEL_ATTR]), int(f.attrs[ROWS_ATTR]) if ROWS_ATTR in f.attrs else 0)
                    for f in _prim_funcs(mod).values())
     assert kinds == sorted((kind, r or 0) for r, kind in ROUTES)
-    assert {kind for _, kind in ROUTES} == {"mma", "gemm", "wgmma"}  # the test means something
+    assert {kind for _, kind in ROUTES} == {"mma", "wgmma"}  # the test means something
     text = mod.script()
     assert all(f"if m <= {r}:" in text for r, _ in ROUTES if r is not None)
     names = sorted(_prim_funcs(mod))
@@ -134,8 +134,8 @@ def test_dispatch_picks_kernel_by_m_at_run_time(m_val):
 @pytest.mark.gpu
 def test_built_module_launches_the_routed_bucket_copy():
     """The real CUDA build through build.py: name the kernels the GPU runs (torch's CUPTI profiler): the
-    tensor-core GEMV at m=1 and 16, the split-K GEMM bucket (its kernel + the reduction kernel) at 32 and
-    200, and the unbounded wgmma GEMM at 1000."""
+    tensor-core GEMV at m=1 and 16, the wgmma GEMM's bucket copies at 32, 200 and 1000 (N = 512 has 4 row
+    blocks, so each splits K: its kernel + the reduction kernel), and the unbounded, unsplit copy at 1100."""
     import torch
 
     from compiler.build import build_module
@@ -145,7 +145,7 @@ def test_built_module_launches_the_routed_bucket_copy():
     vm = relax.VirtualMachine(build_module(mod, resolve("cuda", "sm_90")), tvm.cuda(0))
     ws = [tvm.runtime.tensor(params[p.name], device=tvm.cuda(0)) for p in mod["main"].params[1:]]
     ran = {}
-    for m_val in (1, 16, 32, 200, 1000):
+    for m_val in (1, 16, 32, 200, 1000, 1100):
         x = tvm.runtime.tensor(np.random.default_rng(m_val).standard_normal((m_val, 4096)).astype(np.float16),
                                device=tvm.cuda(0))
         vm["main"](x, *ws)  # warm up (module load) outside the profile
@@ -159,5 +159,5 @@ def test_built_module_launches_the_routed_bucket_copy():
         copy = kernel_for(m_val)
         assert kernels and all(n.split("int4_matmul")[1].split("_kernel")[0].endswith("_" + copy)
                                for n in kernels), (m_val, kernels)
-    assert len(set(ran[32])) == 2 and len(set(ran[1000])) == 1  # split-K: GEMM + reduction kernel
+    assert len(set(ran[32])) == len(set(ran[1000])) == 2 and len(set(ran[1100])) == 1  # split: + reduction
     assert kernel_for(1) == "mma8" and kernel_for(16) == "mma16"

@@ -23,7 +23,7 @@ LINEARS = {  # Relax function name -> (N, K, QuantConfig, has_bias)
     "asym_bias": (128, 512, QuantConfig(64, False), True),  # 8 k steps: at most 2 K slices
 }
 GPU_LINEARS = {"main": LINEARS["main"], "asym_bias_4096": (128, 4096, QuantConfig(128, False), True)}
-MS = (1, 2, 4, 8, 16, 17, 32, 33, 64, 200, 256, 333)  # every bucket of compiler.dispatch.ROUTES, both ends
+MS = (1, 2, 4, 8, 16, 17, 32, 33, 64, 65, 128, 129, 200, 256, 333)  # every bucket of compiler.dispatch.ROUTES, both ends
 
 
 def _module():
@@ -112,9 +112,10 @@ def test_gemm_rule_emits_tensor_core_code(built):
 
 
 def test_split_k_for_few_tokens_not_for_the_unbounded_copy(built):
-    """The smallest GEMM bucket (gemm32 where the tensor-core GEMV serves m <= 16, else gemm16): 16- or
-    32-row tiles (4 warps), K over blockIdx.z, fp32 partials to the workspace, and a second kernel that
-    sums them, adds the bias and rounds; the unbounded copy (the wgmma GEMM on sm_90): one kernel."""
+    """The smallest GEMM bucket: 16-row tiles (4 warps) for "asym_bias" (group 64: no tensor-core GEMV),
+    K over blockIdx.z, fp32 partials to the workspace, and a second kernel that sums them, adds the bias
+    and rounds; on sm_90 "main" has no mma.sync GEMM copy (wgmma from m = 17), its smallest wgmma copy
+    splits K the same way; the unbounded copy (the wgmma GEMM on sm_90): one kernel."""
     from compiler.dispatch import routes_for
     from schedules.gemm import DEFAULTS, plan
 
@@ -124,7 +125,15 @@ def test_split_k_for_few_tokens_not_for_the_unbounded_copy(built):
     for name, (n, k, cfg, bias) in LINEARS.items():
         attrs = {"n": n, "k": k, "group_size": cfg.group(k), "symmetric": cfg.symmetric,
                  "has_bias": bias, "x_dtype": "float16"}
-        rows = smallest[name] = next(r for r, kind in routes_for(attrs, "sm_90") if kind == "gemm")
+        rows = smallest[name] = next((r for r, kind in routes_for(attrs, "sm_90") if kind == "gemm"), None)
+        whole = _kernel_source(src, f"int4_{name}_wgmma_kernel")  # the unbounded copy, on Hopper
+        assert "blockIdx.z" not in whole and "ws_ptr" not in whole and "nb_wgmma_" in whole
+        assert f"int4_{name}_gemm_kernel" not in src
+        if rows is None:
+            few = _kernel_source(src, f"int4_{name}_wgmma32_kernel")
+            assert "blockIdx.z" in few and "nb_wgmma_" in few and "ws_ptr" in few
+            assert "ws_ptr" in _kernel_source(src, f"int4_{name}_wgmma32_kernel_1")
+            continue
         c, split = plan(attrs, arch, rows)
         assert c.block_m == rows and split > 1, name
         few = _kernel_source(src, f"int4_{name}_gemm{rows}_kernel")
@@ -134,10 +143,7 @@ def test_split_k_for_few_tokens_not_for_the_unbounded_copy(built):
         reduce = _kernel_source(src, f"int4_{name}_gemm{rows}_kernel_1")
         assert "ws_ptr" in reduce and "y_ptr" in reduce and ("bias_ptr" in reduce) == bias
         assert "mma.sync" not in reduce and "*(float4*)(ws_ptr" in reduce  # 16-byte partial loads
-        whole = _kernel_source(src, f"int4_{name}_wgmma_kernel")  # the unbounded copy, on Hopper
-        assert "blockIdx.z" not in whole and "ws_ptr" not in whole and "nb_wgmma_" in whole
-        assert f"int4_{name}_gemm_kernel" not in src
-    assert smallest == {"main": 32, "asym_bias": 16}  # group 64: no tensor-core GEMV, gemm16 serves 5..16
+    assert smallest == {"main": None, "asym_bias": 16}  # group 64: no tensor-core GEMV, gemm16 serves 5..16
     # the short K (8 steps of 64) splits in 2 at most: every slice fills the 4-stage ring's prologue
     assert "blockIdx.z" in _kernel_source(src, "int4_asym_bias_gemm16_kernel")
 

@@ -25,25 +25,32 @@ def test_takes_only_what_it_tiles():
     assert not takes(spec(4096 + 32, 4096), "sm_90")  # whole 64-row warpgroup tiles
     assert not takes(spec(4096, 4096, xd="float32"), "sm_90")
     assert Config(tokens=100).check() and Config(tokens=264).check() and Config(stages=2).check()
+    assert Config(tokens=24).check() and Config(split_k=0).check()  # the epilogue stores 16 tokens at a time
+    assert takes(spec(4096, 512), "sm_90", Config(split_k=2)) and not takes(spec(4096, 512), "sm_90", Config(split_k=4))
 
 
 def test_default_tile_by_bucket_and_n():
-    """Few tokens (m <= 256) take 64-row tiles so the grid still fills the SMs; the unbounded copy the
-    256-token x 128-row tile; a shape the default's rows do not divide falls back to one warpgroup."""
+    """N <= 4096 takes 128-row tiles with K split so that the grid at m = R holds about one block per SM;
+    wider N 64-row tiles unsplit to m = 256; the unbounded copy the 256-token x 128-row tile; a shape the
+    default's rows do not divide falls back to one warpgroup."""
     from schedules.gemm_wgmma import Config, default_config
 
-    def cfg(n, rows=None):
-        return default_config(_target(), tagged_copy("wgmma", n, 4096, rows))
+    def cfg(n, rows=None, k=4096):
+        return default_config(_target(), tagged_copy("wgmma", n, k, rows))
 
-    assert cfg(4096, 256) == Config(tokens=64, warpgroups=1) and cfg(12288, 256).tokens == 128
+    assert cfg(4096, 64) == Config(tokens=64, split_k=4)  # 32 blocks of 128 rows
+    assert cfg(4096, 128) == Config(tokens=128, split_k=4) and cfg(4096, 256) == Config(tokens=128, split_k=2)
+    assert cfg(12288, 64) == Config(tokens=64, warpgroups=1) and cfg(22016, 256) == Config(tokens=128, warpgroups=1)
     assert cfg(4096, 1024) == Config(tokens=128) and cfg(22016, 1024) == Config()
     assert cfg(4096) == cfg(22016) == Config()
+    assert cfg(4096, 64, k=384) == Config(tokens=64)  # 3 pairs of 64-k blocks: too short to split 4 ways
     assert cfg(4160) == Config(warpgroups=1)  # 4160 % 128 != 0
 
 
 @pytest.mark.parametrize("n,k,cfg,bias,config", [
     (256, 4096, QuantConfig(), False, {}),
     (128, 512, QuantConfig(64, symmetric=False), True, {"tokens": 208, "warpgroups": 1, "stages": 3}),
+    (128, 1024, QuantConfig(), True, {"tokens": 64, "warpgroups": 1, "split_k": 2}),
 ])
 def test_rule_emits_wgmma_kernel(n, k, cfg, bias, config):
     import tvm
@@ -58,6 +65,8 @@ def test_rule_emits_wgmma_kernel(n, k, cfg, bias, config):
     n_tok = config.get("tokens", 256)
     assert f"wgmma.mma_async.sync.aligned.m64n{n_tok}k16.f32.f16.f16" in src  # built for sm_90a by nvcc
     assert "cp.async.cg.shared.global" in src and "fence.proxy.async.shared::cta" in src
+    split = config.get("split_k", 1) > 1  # fp32 partials over blockIdx.z, then the reduction kernel
+    assert ("stmatrix.sync.aligned.m8n8.x4.trans" in src) != split and ("blockIdx.z" in src) == split
     assert GEMMWGMMA().apply(func, tvm.target.Target("llvm"), False) is None
     assert GEMMWGMMA().apply(func.with_attr({KERNEL_ATTR: "gemm"}), _target(), False) is None  # not ours
     sm80 = tvm.target.Target({"kind": "cuda", "arch": "sm_80"})
@@ -71,6 +80,9 @@ def test_rule_emits_wgmma_kernel(n, k, cfg, bias, config):
     (512, QuantConfig(64), True, {"tokens": 208, "warpgroups": 1, "stages": 3}),  # 6 token rows per lane
     (1024, QuantConfig(-1), False, {"tokens": 64, "warpgroups": 2, "stages": 5}),  # per-channel scales
     (1024, QuantConfig(128, symmetric=False), True, {"tokens": 128, "warpgroups": 2, "m_tiles": 2}),
+    (4096, QuantConfig(), True, {"tokens": 128, "split_k": 4}),
+    # slices of 3 / 3 / 2 pairs: the last two start inside a 256-k group (its scales loaded at the start)
+    (1024, QuantConfig(256, symmetric=False), True, {"tokens": 64, "warpgroups": 1, "split_k": 3}),
 ])
 def test_wgmma_numerics_on_gpu(k, cfg, bias, config):
     """m from 1 past several token tiles (partial last tiles: zero-filled x rows, unstored outputs) against
