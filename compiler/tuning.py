@@ -3,8 +3,9 @@
 What is searched. Every schedule template in schedules/ names its knobs in a frozen `Config` dataclass
 and their candidate values in `SPACE` ({field: (values...)}); a rule reads a per-function override from
 the PrimFunc attr "nibble.config" (a dict of Config fields). A task is one kernel copy (a GEMV or GEMM
-token bucket, measured at its bound; the unbounded GEMM, at PREFILL_M; or the CPU kernel); its space is
-the product of SPACE's values.
+token bucket serving m = L..R, timed at both ends and scored by the sum, since a config that wins at R
+can lose at L: run 5 in benchmarks/results/h200_tune.md; the unbounded GEMM, at PREFILL_M; or the CPU
+kernel); its space is the product of SPACE's values.
 
 Why not meta-schedule's trace search: our decode GEMV is a template that emits a new PrimFunc (its
 dequantize trick cannot be reached with schedule primitives), so there is no trace for meta-schedule to
@@ -53,11 +54,17 @@ L2_BYTES = 60 << 20  # H200/H100 L2; tuning measurements rotate more weight byte
 
 @dataclasses.dataclass
 class Task:
-    key: str  # stable name: "<kernel>:<kind>[:<rows>]" (rows: the token bucket of a bounded copy)
+    key: str  # stable name: "<kernel>:<kind>[:[<low>-]<rows>]" (a bounded copy's token range)
     func: object  # tirx.PrimFunc (symbolic m)
     kind: str  # "gemv" | "mma" | "gemm" | "wgmma" | "cpu"
-    m: int  # token count measured at
+    m: int  # token count measured at (a bounded copy: its bound R)
     calls: int = 1  # how often one model run calls it (its weight in the ETA and summary)
+    low: int | None = None  # a bounded copy's smallest m (the previous bucket's bound + 1)
+
+    @property
+    def ms(self) -> tuple:
+        """The token counts a candidate is timed at (its score: the sum)."""
+        return (self.low, self.m) if self.low is not None and self.low < self.m else (self.m,)
 
     @property
     def template(self):
@@ -97,10 +104,14 @@ def extract_tasks(mod, spec: dict) -> list[Task]:
             calls[e.args[0].name_hint] = calls.get(e.args[0].name_hint, 0) + 1
 
     relax.analysis.post_order_visit(mod["main"].body, count)
+    funcs = [(gv, f) for gv, f in mod.functions_items()
+             if isinstance(f, tirx.PrimFunc) and f.attrs is not None and ATTR in f.attrs]
+    bounds: dict[str, list[int]] = {}  # base kernel -> the bounds of its bucket copies
+    for gv, func in funcs:
+        if ROWS_ATTR in func.attrs:
+            bounds.setdefault(base_name(gv.name_hint), []).append(int(func.attrs[ROWS_ATTR]))
     tasks = []
-    for gv, func in mod.functions_items():
-        if not (isinstance(func, tirx.PrimFunc) and func.attrs is not None and ATTR in func.attrs):
-            continue
+    for gv, func in funcs:
         kind = _kind(func, spec)
         if kind not in TEMPLATES:
             continue
@@ -108,7 +119,9 @@ def extract_tasks(mod, spec: dict) -> list[Task]:
         n = calls.get(base + "_dispatch", calls.get(gv.name_hint, 1))
         rows = int(func.attrs[ROWS_ATTR]) if ROWS_ATTR in func.attrs else None
         if kind in ("gemv", "mma", "gemm", "wgmma") and rows is not None:
-            tasks.append(Task(f"{base}:{kind}:{rows}", func, kind, rows, n))
+            low = max((b for b in bounds[base] if b < rows), default=0) + 1
+            span = f"{low}-{rows}" if low < rows else f"{rows}"
+            tasks.append(Task(f"{base}:{kind}:{span}", func, kind, rows, n, low))
         elif kind in ("gemm", "wgmma"):
             tasks.append(Task(f"{base}:{kind}", func, kind, PREFILL_M, n))
         else:
@@ -230,7 +243,8 @@ def _random_arg(buf, m: int, rng) -> np.ndarray:
 
 
 def measure(task: Task, config: dict, spec: dict, dev, repeat: int = 7) -> float:
-    """Median microseconds of one call of the task's kernel with `config` at m = task.m."""
+    """The task's score for `config`: median microseconds of one call of its kernel, summed over the
+    token counts task.ms (built once)."""
     import tvm
     from tvm.s_tir import dlight as dl
 
@@ -247,9 +261,15 @@ def measure(task: Task, config: dict, spec: dict, dev, repeat: int = 7) -> float
     if not (mod["main"].attrs and mod["main"].attrs.get("tirx.is_scheduled")):
         return float("inf")  # the template declined this config
     lib = tvm.compile(mod, target=target)
+    return sum(_time_at(lib, list(mod["main"].params), m, spec, dev, repeat) for m in task.ms)
+
+
+def _time_at(lib, params, m: int, spec: dict, dev, repeat: int) -> float:
+    """Median microseconds of one call of lib's "main" at m tokens."""
+    import tvm
+
     rng = np.random.default_rng(0)
-    params = list(mod["main"].params)  # TVM 0.27: typed buffers (name, shape, dtype)
-    host = [_random_arg(p, task.m, rng) for p in params]
+    host = [_random_arg(p, m, rng) for p in params]  # params: TVM 0.27 typed buffers (name, shape, dtype)
     args = [tvm.runtime.tensor(a, dev) for a in host]
     if spec["kind"] != "cuda":
         ev = lib.mod.time_evaluator("main", dev, number=1, repeat=repeat)
@@ -262,7 +282,7 @@ def measure(task: Task, config: dict, spec: dict, dev, repeat: int = 7) -> float
     per_copy = sum(host[i].nbytes for i in weights)
     copies = [args]
     for _ in range(max(1, -(-3 * L2_BYTES // per_copy)) - 1):
-        copies.append([tvm.runtime.tensor(_random_arg(params[i], task.m, rng), dev) if i in weights else a
+        copies.append([tvm.runtime.tensor(_random_arg(params[i], m, rng), dev) if i in weights else a
                        for i, a in enumerate(args)])
     f = lib["main"]
     return graph_time([lambda c=copies[i % len(copies)]: f(*c) for i in range(24)], reps=repeat) * 1e6
@@ -340,7 +360,7 @@ def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bo
                 key = json.dumps(cfg, sort_keys=True)
                 measured[key] = us
                 log_.append({"key": task.key, "kind": task.kind, "version": versions.get(task.kind, 1),
-                             "arch": log_.arch, "m": task.m, "config": cfg, "us": us if math.isfinite(us) else 10 * FAILED_US,
+                             "arch": log_.arch, "m": task.m, "ms": list(task.ms), "config": cfg, "us": us if math.isfinite(us) else 10 * FAILED_US,
                              "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
                 n_new += 1
                 done_trials += 1

@@ -152,8 +152,23 @@ def test_tuning_starts_from_the_templates_arch_default():
     assert task.default(cuda) == vars(gemm.config_for(tvm_target(cuda)).large)
 
 
+def test_a_bucket_task_is_scored_over_its_range(monkeypatch):
+    """A bucket copy serving m = L..R is timed at L and at R, built once, and scored by the sum (a config
+    that wins at R alone lost up to 12% at L on the H200); records say which token counts they summed."""
+    from compiler import tuning
+    from compiler.int4_kernel import int4_matmul_func
+    from compiler.quantize import QuantConfig
+
+    timed = []
+    monkeypatch.setattr(tuning, "_time_at", lambda lib, params, m, *a: timed.append(m) or float(m))
+    task = tuning.Task("k:cpu:3-4", int4_matmul_func(64, 256, QuantConfig()), "cpu", 4, low=3)
+    assert task.ms == (3, 4) and tuning.Task("k:cpu", task.func, "cpu", 16).ms == (16,)
+    cfg = task.default(SPEC)
+    assert tuning.measure(task, cfg, SPEC, None) == 7.0 and timed == [3, 4]
+
+
 def test_gemm_bucket_copies_are_tasks_of_their_own():
-    """Each bucket copy of the dispatch is a task measured at its bound, whose baseline is its own config
+    """Each bucket copy of the dispatch is a task timed at both ends of its range, whose baseline is its own config
     (GEMM: its tile, 32 rows for m <= 32, ...; tensor-core GEMV: its default by N and token tiles); the
     unbounded copy (the wgmma GEMM on sm_90) is measured at PREFILL_M with its per-arch default."""
     import tvm
@@ -179,9 +194,9 @@ def test_gemm_bucket_copies_are_tasks_of_their_own():
         bb.emit_func_output(y)
     tasks = {t.key: t for t in extract_tasks(dispatch_small_m(bb.get(), arch="sm_90"), cuda)}
     arch = gemm.config_for(tvm_target(cuda))
-    for rows, kind in ROUTES[:-1]:
-        task = tasks[f"k:{kind}:{rows}"]
-        assert task.m == rows and task.calls == 1
+    for (prev, _), (rows, kind) in zip(((0, None),) + ROUTES, ROUTES[:-1]):
+        task = tasks[f"k:{kind}:{prev + 1}-{rows}"]  # the bucket serves m = prev + 1 .. rows
+        assert task.m == rows and task.ms == (prev + 1, rows) and task.calls == 1
         if kind == "gemm":
             assert task.default(cuda) == vars(gemm.tile_for(arch, 256, rows))
         elif kind == "wgmma":
@@ -189,9 +204,9 @@ def test_gemm_bucket_copies_are_tasks_of_their_own():
             assert task.default(cuda) == vars(dataclasses.replace(want, split_k=1))  # K = 512: too short to split
         else:
             assert task.default(cuda) == vars(gemv_mma.default_for(gemv_mma.config_for(tvm_target(cuda)), 256, rows))
-    assert tasks["k:wgmma:32"].default(cuda)["tokens"] == 32
-    assert tasks["k:mma:8"].default(cuda) != tasks["k:mma:16"].default(cuda)  # one vs two token tiles
+    assert tasks["k:wgmma:17-32"].default(cuda)["tokens"] == 32
+    assert tasks["k:mma:1-8"].default(cuda) != tasks["k:mma:9-16"].default(cuda)  # one vs two token tiles
     assert ROUTES[-1] == (None, "wgmma") and "k:gemm" not in tasks
-    assert tasks["k:wgmma"].m == PREFILL_M and tasks["k:wgmma"].default(cuda) == vars(gemm_wgmma.Config())
-    assert tasks["k:wgmma:256"].default(cuda)["tokens"] == 128  # 128-token tiles for m <= 256
+    assert tasks["k:wgmma"].ms == (PREFILL_M,) and tasks["k:wgmma"].default(cuda) == vars(gemm_wgmma.Config())
+    assert tasks["k:wgmma:129-256"].default(cuda)["tokens"] == 128  # 128-token tiles for m <= 256
     assert all(isinstance(t, Task) for t in tasks.values())
