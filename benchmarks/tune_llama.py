@@ -163,9 +163,9 @@ def main():
                 lib[fname](tx, wargs[0][0], wargs[0][1], ty)
                 torch.cuda.synchronize()
                 row[f"err_{label}"] = rel_err(y, ref)
-            # default and tuned timed in both orders, then averaged: timed one right after the other, the
-            # second of two identical kernels ran 5-10% slower on the heavy shapes (the GPU's clocks drop
-            # under sustained load), which read as "tuned slower than default" (h200_tune.md, runs 5-6)
+            # default and tuned timed in both orders, then averaged: timed once each, one after the other,
+            # identical configs read 5-10% apart on the heavy shapes (h200_tune.md, runs 5-6); averaged
+            # over both orders they still differ by up to 5% there (run 7, an A/A check), cause unknown
             pair = [lt for lt in labels if lt[0] != "dlight"]
             times = {label: [] for label, _ in labels}
             for label, fname in pair + pair[::-1] + [lt for lt in labels if lt[0] == "dlight"]:

@@ -7,7 +7,8 @@ means something): no_decode feeds the packed words to wgmma undecoded, no_wgmma 
 instructions by one FADD, no_x drops the copies of x into shared memory, no_sync drops the per-k-block
 barrier, no_store drops the epilogue's stores. If removing a part barely moves the time, that part is
 not what limits the kernel. direct_store is an A/B rather than a removal: the epilogue of VERSION 1,
-scattered 2 B stores straight from the accumulators instead of the shared-memory tile. Weights rotate past the L2 as in bench_linear.py; CUDA-graph medians.
+scattered 2 B stores straight from the accumulators instead of the shared-memory tile. Weights rotate
+past the L2 as in bench_linear.py; CUDA-graph medians.
 Writes wgmma_ablation.json / .md to --out.
 """
 from __future__ import annotations

@@ -7,7 +7,7 @@ build.py for CUDA after the int4 pass, gives each int4 PrimFunc one copy per ent
 (`routes_for`: ROUTES, with FALLBACK_ROUTES' parts where the Hopper/tensor-core kernels do not take it),
     <name>_mma8, _mma16              tagged "nibble.kernel"="mma", "nibble.rows"=B   (schedules/gemv_mma.py)
     <name>_gemm32, _gemm64, ...      tagged "nibble.kernel"="gemm", "nibble.rows"=R  (schedules/gemm.py)
-    <name>_wgmma64, ..., _wgmma1024  tagged "nibble.kernel"="wgmma", "nibble.rows"=R (schedules/gemm_wgmma.py)
+    <name>_wgmma32, ..., _wgmma1024  tagged "nibble.kernel"="wgmma", "nibble.rows"=R (schedules/gemm_wgmma.py)
     <name>_wgmma                     tagged "nibble.kernel"="wgmma" (no bound: every larger m)
 (FALLBACK_ROUTES' <name>_gemm256 and unbounded <name>_gemm where the wgmma GEMM does not take it)
 and replaces every `call_tir(<name>, args)` with a call to a private Relax function

@@ -1,7 +1,7 @@
 """Prefill-time (m >= ~16 tokens) schedule for the fused int4 matmul: a tensor-core (mma.sync) GEMM.
 
-Since the wgmma GEMM (schedules/gemm_wgmma.py) took m > 64 on Hopper, this kernel serves the 17-64
-token buckets there, and every GEMM copy on other GPUs or shapes the wgmma kernel does not take.
+Since the wgmma GEMM (schedules/gemm_wgmma.py) took m > 16 on Hopper, this kernel serves every GEMM
+copy on other GPUs and on shapes the wgmma kernel does not take.
 
 Recognizes the PrimFunc of compiler/int4_kernel.py by its "nibble.int4" attr, but only the copy that the
 dispatch pass (compiler/dispatch.py) tagged `"nibble.kernel" = "gemm"`. Anything else, or a shape the

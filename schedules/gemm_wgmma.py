@@ -203,7 +203,8 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
     half* __restrict__ y, void* ws_, unsigned char* smem, long long m, int bx, int by, int bz, int tid) {
   constexpr int K = $K, N = $N, G = $G, NG = K / G, KW = K / 8, BT = $BT, WG = $WG, MT = $MT, SPLIT = $SPLIT;
   constexpr int S = $S, BN = 64 * WG * MT, THREADS = 128 * WG, XST = BT * 128, STAGE = XST + BN * 32;
-  constexpr int PAIRS = K / 128, YST = $YST;  // 128-k pairs of blocks; bytes per token row of the out tile
+  constexpr int PAIRS = K / 128, YST = $YST, CH = $CH;  // 128-k pairs of blocks; the out tile's bytes /
+  // 16 B chunks per token row
   const unsigned base = (nbw_smem(smem) + 1023u) & ~1023u;  // 1 KiB-aligned swizzle atoms
   const int warp = tid / 32, lane = tid % 32, r = lane / 4, t = lane % 4;
   // this lane's rows in the block, per m-tile mt: lrow + 64 mt and lrow + 64 mt + 8
@@ -346,17 +347,6 @@ _STAGE_Y = r"""
                    "r"(nbw_pack(c[4 * i + 6] + b8, c[4 * i + 7] + b8)) : "memory");
     }
 """
-_STORE_Y = r"""
-#pragma unroll
-  for (int i = 0; i < BT * BN / 8 / THREADS; ++i) {  // 16 B chunks: BN / 8 per token row
-    const int c = etid + i * THREADS, n = c / (BN / 8), ch = c % (BN / 8);
-    if (tok0 + n < m) {
-      unsigned v[4];
-      nbw_lds128(base + n * YST + ch * 16, v);
-      *reinterpret_cast<uint4*>(y + (tok0 + n) * N + (long long)bx * BN + ch * 8) = make_uint4(v[0], v[1], v[2], v[3]);
-    }
-  }
-"""
 # split: the slice's fp32 partial (no bias: the reduction adds it), one 4 B store per accumulator (banks
 # 8 t + r: a row of the tile is BN + 4 words), then float4 rows of ws[m, SPLIT, N]
 _STAGE_WS = r"""
@@ -370,16 +360,15 @@ _STAGE_WS = r"""
       }
     }
 """
-_STORE_WS = r"""
-  float* ws = reinterpret_cast<float*>(ws_);
+# the tile's 16 B chunks (CH per token row) to $DST, tokens < m only
+_STORE = r"""
 #pragma unroll
-  for (int i = 0; i < BT * BN / 4 / THREADS; ++i) {  // 16 B chunks: BN / 4 per token row
-    const int c = etid + i * THREADS, n = c / (BN / 4), ch = c % (BN / 4);
+  for (int i = 0; i < BT * CH / THREADS; ++i) {
+    const int c = etid + i * THREADS, n = c / CH, ch = c % CH;
     if (tok0 + n < m) {
       unsigned v[4];
       nbw_lds128(base + n * YST + ch * 16, v);
-      *reinterpret_cast<uint4*>(ws + ((tok0 + n) * SPLIT + bz) * N + (long long)bx * BN + ch * 4) =
-          make_uint4(v[0], v[1], v[2], v[3]);
+      *reinterpret_cast<uint4*>($DST) = make_uint4(v[0], v[1], v[2], v[3]);
     }
   }
 """
@@ -410,7 +399,10 @@ def kernel_source(attrs: dict, cfg: Config) -> tuple[str, str]:
         NAME=name, K=k, N=n, G=g, BT=cfg.tokens, WG=cfg.warpgroups, MT=cfg.m_tiles, S=cfg.stages,
         SPLIT=cfg.split_k, YST=_tile_row_bytes(cfg), WGMMA=_wgmma_asm(cfg.tokens),
         Z0=zero or "zr[ra * NG + gi]", Z8=zero or "zr[rb * NG + gi]",
-        STAGE_OUT=stage.strip("\n"), STORE_OUT=(_STORE_WS if split else _STORE_Y).strip("\n"))
+        CH=cfg.rows * (4 if split else 2) // 16, STAGE_OUT=stage.strip("\n"),
+        STORE_OUT=Template(_STORE).substitute(DST=(
+            "reinterpret_cast<float*>(ws_) + ((tok0 + n) * SPLIT + bz) * N + (long long)bx * BN + ch * 4" if split
+            else "y + (tok0 + n) * N + (long long)bx * BN + ch * 8")).strip("\n"))
     return name, _COMMON + body
 
 

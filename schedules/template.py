@@ -1,7 +1,7 @@
 """What our template rules share: take one tagged copy of the int4 kernel, emit a hand-written kernel.
 
 The dispatch pass (compiler/dispatch.py) tags copies of each int4 PrimFunc "nibble.kernel" = "gemv" |
-"gemm"; a template rule takes the copies of its kind on CUDA, builds its kernel for them (or declines
+"mma" | "gemm" | "wgmma"; a template rule takes the copies of its kind on CUDA, builds its kernel for them (or declines
 with None, leaving the function to dlight) and keeps the original's attrs (global_symbol, nibble.*).
 """
 from __future__ import annotations
@@ -11,7 +11,7 @@ from string import Template
 from tvm.s_tir.dlight.base import ScheduleRule
 
 ATTR = "nibble.int4"  # = compiler.int4_kernel.ATTR (not imported: schedules must not need compiler/)
-KERNEL_ATTR = "nibble.kernel"  # "mma" | "gemv" | "gemm", set by compiler/dispatch.py on its copies
+KERNEL_ATTR = "nibble.kernel"  # "mma" | "gemv" | "gemm" | "wgmma", set by compiler/dispatch.py on its copies
 ROWS_ATTR = "nibble.rows"  # = compiler.dispatch.ROWS_ATTR: the token bucket R a copy serves (m <= R)
 
 

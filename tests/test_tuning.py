@@ -160,7 +160,7 @@ def test_a_bucket_task_is_scored_over_its_range(monkeypatch):
     from compiler.quantize import QuantConfig
 
     timed = []
-    monkeypatch.setattr(tuning, "_time_at", lambda lib, params, m, *a: timed.append(m) or float(m))
+    monkeypatch.setattr(tuning, "_time_at", lambda lib, params, sets, m, *a: timed.append(m) or float(m))
     task = tuning.Task("k:cpu:3-4", int4_matmul_func(64, 256, QuantConfig()), "cpu", 4, low=3)
     assert task.ms == (3, 4) and tuning.Task("k:cpu", task.func, "cpu", 16).ms == (16,)
     cfg = task.default(SPEC)
