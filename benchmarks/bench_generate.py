@@ -222,8 +222,9 @@ def phase_torch(args, res):
 
 
 def kernel_breakdown(m, ids_len: int, steps: int = 3, prefill: bool = False):
-    """Per-kernel GPU time of one decode step (past = ids_len) or, with prefill, of the prompt's
-    forward pass (ids_len tokens, empty past), from torch.profiler: [name, launches, us] per kernel."""
+    """Per-kernel GPU time of one decode step (past = ids_len; the CUDA-graph step when generate made
+    one) or, with prefill, of the prompt's forward pass (ids_len tokens, empty past), from
+    torch.profiler: [name, launches, us] per kernel."""
     import numpy as np
     import torch
     from torch.profiler import ProfilerActivity, profile
@@ -232,8 +233,15 @@ def kernel_breakdown(m, ids_len: int, steps: int = 3, prefill: bool = False):
 
     gen = Generator(m)
     ids = prompt_ids(int(m.outputs[0]["shape"][-1]))[:, :ids_len]
+    decoders = getattr(getattr(m, "_generator", None), "_decoders", None)
     if prefill:
         call = lambda: gen._step(ids, gen._empty_past(1), 0)
+    elif decoders:  # the step generate times: the fixed-shape one, replayed from its CUDA graph
+        dec = next(iter(decoders.values()))
+        _, past = gen._step(ids, gen._empty_past(1), 0)
+        dec.start(past, ids_len)
+        tok = np.array([5])
+        call = lambda: dec.step(tok)
     else:
         _, past = gen._step(ids, gen._empty_past(1), 0)
         tok = np.array([[5]])

@@ -65,13 +65,17 @@ def prepare(mod, spec: dict, tuning=None, log=print):
 
     if spec["kind"] == "cuda":
         from .dispatch import dispatch_small_m
+        from .fuse_add_rmsnorm import fuse_add_rmsnorm
         from .fuse_attention import fuse_decode_attention
         from .fuse_rmsnorm import fuse_rmsnorm
 
         mod, norms = fuse_rmsnorm(mod)  # RMSNorm: one kernel instead of two
+        mod, add_norms = fuse_add_rmsnorm(mod)  # and the residual add before it in the same kernel
         mod, fused = fuse_decode_attention(mod)  # decode attention: one kernel (schedules/attention.py)
         if fused or norms:
             log(f"{fused} attention blocks fused for decode, {norms} RMSNorms made one op")
+        if add_norms:
+            log(f"{add_norms} residual adds fused into the RMSNorm that follows")
         mod = dispatch_small_m(mod, arch=spec["arch"])  # int4 kernels: a copy per token bucket
     mod, applied = apply_records(mod, spec, tuning, log)
     return mod, {t.key: applied.get(t.key) for t in extract_tasks(mod, spec)}
@@ -150,6 +154,7 @@ def compile_model(source, example_inputs=None, output: str | os.PathLike | None 
     from frontends import import_model
 
     from .int4_pass import PassReport
+    from .new_kv_entry import ENTRY as NEW_KV, add_new_kv_entry
 
     t0 = time.perf_counter()
     imp = import_model(source, example_inputs, opts.shapes)
@@ -161,6 +166,11 @@ def compile_model(source, example_inputs=None, output: str | os.PathLike | None 
     else:
         report = PassReport()
         log("--no-quantize: linear layers kept as imported")
+    entries = {"main": "main"}
+    mod, cut = add_new_kv_entry(mod)  # decoders with past: an entry returning only the new cache slots
+    if cut:
+        entries["new_kv"] = NEW_KV
+        log(f"entry {NEW_KV}: main with its {cut} present outputs cut to the new tokens' slots")
     t0 = time.perf_counter()
     tuning, kernels = tuning_log_for(opts, spec, log), {}
     ex = build_module(mod, spec, tuning, log, kernels)
@@ -175,6 +185,7 @@ def compile_model(source, example_inputs=None, output: str | os.PathLike | None 
         output = Path(f"{stem}.nibble")
     manifest = artifact.manifest(imp, mod, spec, opts, report, inputs)
     manifest["max_length"] = opts.max_length
+    manifest["entries"] = entries
     manifest["kernels"] = {k: ({"tuned": True, "config": r["config"], "us": r["us"]} if r else {"tuned": False})
                            for k, r in kernels.items()}
     path = artifact.write(Path(output), ex, params, manifest)

@@ -23,7 +23,16 @@ where the private Relax function (as compiler/dispatch.py does for the int4 kern
         else:                   o = attention_reference(q, K, V, bias)             # the chain above, as was
         return o
 
-so decode runs one kernel that reads K and V once (the chain re-read and re-wrote the cache ~6 times:
+Where K and V are concat((past, new)) along the cache axis and nothing else reads the concat (in
+main_new_kv, compiler/new_kv_entry.py, whose present outputs are only `new`), the call takes
+(q, K past, K new, V past, V new, bias) and the kernel reads the two in place (schedules/attention.py,
+two_source): the concat, which copied the whole cache every decode step, is then dead code.
+
+When the attention's output only goes back to token order (reshapes, permute_dims [0, 2, 1, 3],
+at most one astype: how exporters feed o_proj), the kernel writes [b, s, h, d] in the final dtype and
+that chain becomes one reshape (a view): the transpose-and-cast kernel before o_proj is gone.
+
+So decode runs one kernel that reads K and V once (the chain re-read and re-wrote the cache ~6 times:
 transpose, scale, fp32 copy of V, ...) and prefill keeps the stock kernels. CUDA only (build.py's
 prepare); the kernel is compared against the chain on the GPU (tests/test_gpu.py).
 """
@@ -33,10 +42,10 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import mutator
 
-from schedules.attention import ATTENTION, SPLIT, SPLIT_FROM, attention_func
+from schedules.attention import ATTENTION, DEFAULT, SPLIT, SPLIT_FROM, attention_func
 
 from .dispatch import KERNEL_ATTR
-from .relax_util import BindingRewriter, is_op, rewrite_main, scalar
+from .relax_util import BindingRewriter, emit_like, is_op, rewrite_main, scalar
 
 DECODE_ROWS = 16  # query rows (tokens per sequence) up to which the fused kernel runs
 
@@ -52,6 +61,8 @@ class _Fuse(BindingRewriter):
     def __init__(self, mod, max_rows):
         super().__init__(mod)
         self.max_rows = max_rows
+        self.current = None  # the var of the binding being visited
+        self.pending: dict = {}  # var at the end of a folded output chain -> its new value
         self.funcs: dict = {}  # config key -> dispatch GlobalVar
 
     def _match(self, call):
@@ -99,8 +110,21 @@ class _Fuse(BindingRewriter):
         parts = dict(q=q, k=k, v=v, bias=bias, scale=scale, nan_guard=nan_guard,
                      s_cast=None if s_cast is None else str(s_cast.attrs.dtype),
                      v_cast=None if v_cast is None else str(v_cast.attrs.dtype),
-                     out=call.ty)
+                     out=call.ty, two=self._two_source(k, v))
         return parts if self._shapes_ok(parts) else None
+
+    def _two_source(self, k, v):
+        """((past K, new K), (past V, new V)) when K and V are concat((past, new)) along the cache axis
+        that only this attention reads (in main_new_kv, compiler/new_kv_entry.py), else None: the kernel
+        then reads the two in place and the concat, the whole cache copied, goes away."""
+        found = []
+        for x in (k, v):
+            cat = self.bound(x, "relax.concat")
+            if (cat is None or self.uses.get(x) != 1 or not isinstance(cat.args[0], relax.Tuple)
+                    or len(cat.args[0].fields) != 2 or int(cat.attrs.axis) not in (2, -2)):
+                return None
+            found.append(tuple(cat.args[0].fields))
+        return tuple(found)
 
     def _shapes_ok(self, m):
         tys = [m[x].ty for x in ("q", "k", "v", "bias")]
@@ -126,24 +150,52 @@ class _Fuse(BindingRewriter):
                        "out": str(m["out"].dtype)}
         return str(tys[1].dtype) == str(tys[2].dtype)
 
+    def _output_chain(self, o, m):
+        """The ops after the attention that only move it back to token order and cast it, the way
+        exporters write them: reshapes to the same [b, h, s, d], permute_dims [0, 2, 1, 3], then any
+        reshapes, with at most one astype anywhere. Returns (the chain's last var, its dtype) if the
+        permute is there (the kernel then writes [b, s, h, d] in that dtype), else None."""
+        users = self.users_of()
+        same = tvm.sym.Analyzer().can_prove_equal
+        shape = list(m["out"].shape.values)
+        cur, dtype, permuted, cast = o, str(m["out"].dtype), False, False
+        while self.uses.get(cur) == 1 and len(users.get(cur, [])) == 1:
+            nxt = users[cur][0]
+            value = self.bindings[nxt]
+            if is_op(value, "relax.reshape") and (permuted or (
+                    value.ty.shape is not None and len(value.ty.shape.values) == 4
+                    and all(same(x, y) for x, y in zip(value.ty.shape.values, shape)))):
+                pass
+            elif (is_op(value, "relax.permute_dims") and not permuted and value.attrs.axes is not None
+                  and [int(a) for a in value.attrs.axes] == [0, 2, 1, 3]):
+                permuted = True
+            elif is_op(value, "relax.astype") and not cast:
+                cast, dtype = True, str(value.attrs.dtype)
+            else:
+                break
+            cur = nxt
+        return (cur, dtype) if permuted else None
+
     # -- the functions a match calls ------------------------------------------------------------
     def _dispatch(self, m):
+        two, layout = m["two"] is not None, m["layout"]
         key = (m["heads"], m["head_dim"], m["scale"], m["bias_dims"], m["nan_guard"], m["s_cast"], m["v_cast"],
-               tuple(sorted(m["dtypes"].items())))
+               tuple(sorted(m["dtypes"].items())), two, layout)
         if key in self.funcs:
             return self.funcs[key]
         args = (m["heads"], m["head_dim"], m["scale"], m["dtypes"], m["bias_dims"])
-        kernel, split = attention_func(*args), attention_func(*args, SPLIT)
+        kernel, split = (attention_func(*args, cfg, two_source=two, out_layout=layout) for cfg in (DEFAULT, SPLIT))
         if kernel is None or split is None:
             self.funcs[key] = None
             return None
-        name = f"attention_h{m['heads']}_d{m['head_dim']}_{len(self.funcs)}"
+        name = f"attention_h{m['heads']}_d{m['head_dim']}_{len(self.funcs)}{'_kv2' if two else ''}"
         add = self.builder_.add_func
         tag = {KERNEL_ATTR: ATTENTION, "tirx.is_scheduled": True, "op_pattern": 8}  # opaque: FuseOps leaves it
         kernel_gv = add(kernel.with_attr({"global_symbol": name, **tag}), name)
         split_gv = add(split.with_attr({"global_symbol": f"{name}_split", **tag}), f"{name}_split")
         params, (b, s, n) = self._params(m)
-        out = relax.TensorType([b, m["heads"], s, m["head_dim"]], m["dtypes"]["out"])
+        dims = [b, s, m["heads"]] if layout == "bshd" else [b, m["heads"], s]
+        out = relax.TensorType(dims + [m["head_dim"]], m["dtypes"]["out"])
         ref_gv = add(self._reference(m), f"{name}_reference")
         bb = relax.BlockBuilder()
         with bb.function("dispatch", params, pure=True, private=True):
@@ -156,22 +208,34 @@ class _Fuse(BindingRewriter):
 
     @staticmethod
     def _params(m):
-        """Fresh (q, K, V, bias) parameters (each function needs its own) and their (b, s, n) vars."""
-        b, s, n = (tirx.Var(x, "int64") for x in ("b", "s", "n"))
+        """Fresh parameters (each function needs its own), (q, K, V, bias) or, two-source, (q, K past,
+        K new, V past, V new, bias), and their (b, s, n) sizes (n: keys in all)."""
+        b, s = (tirx.Var(x, "int64") for x in ("b", "s"))
         h, d, dt = m["heads"], m["head_dim"], m["dtypes"]
         sym = {"b": b, "h": h, "s": s, 1: 1}
-        return [relax.Var("q", relax.TensorType([b, h, s, d], dt["q"])),
-                relax.Var("k", relax.TensorType([b, h, n, d], dt["kv"])),
-                relax.Var("v", relax.TensorType([b, h, n, d], dt["kv"])),
-                relax.Var("bias", relax.TensorType([sym[x] for x in m["bias_dims"]] + [n], dt["bias"]))], (b, s, n)
+        kv = lambda name, n: relax.Var(name, relax.TensorType([b, h, n, d], dt["kv"]))
+        if m["two"] is None:
+            n = tirx.Var("n", "int64")
+            cache = [kv("k", n), kv("v", n)]
+        else:
+            past, new = tirx.Var("n_past", "int64"), tirx.Var("n_new", "int64")  # not "new": a C++ keyword in the kernel source
+            n = past + new
+            cache = [kv("k_past", past), kv("k_new", new), kv("v_past", past), kv("v_new", new)]
+        bias = relax.Var("bias", relax.TensorType([sym[x] for x in m["bias_dims"]] + [n], dt["bias"]))
+        return [relax.Var("q", relax.TensorType([b, h, s, d], dt["q"])), *cache, bias], (b, s, n)
 
     def _reference(self, m):
-        """The matched chain as a private function of (q, K, V, bias): what runs for many rows."""
+        """The matched chain as a private function of _params: what runs for many rows."""
         params, _ = self._params(m)
-        q, k, v, bias = params
         bb = relax.BlockBuilder()
         with bb.function("reference", params, pure=True, private=True):
             with bb.dataflow():
+                if m["two"] is None:
+                    q, k, v, bias = params
+                else:  # the concats the two-source kernel avoids
+                    q, kp, kn, vp, vn, bias = params
+                    k = bb.emit(relax.op.concat([kp, kn], axis=2))
+                    v = bb.emit(relax.op.concat([vp, vn], axis=2))
                 kt = bb.emit(relax.op.permute_dims(k, [0, 1, 3, 2]))
                 if m["scale"] != 1.0:
                     kt = bb.emit(relax.op.multiply(kt, relax.const(m["scale"], m["dtypes"]["kv"])))
@@ -183,21 +247,52 @@ class _Fuse(BindingRewriter):
                     p = bb.emit(relax.op.where(relax.op.isnan(p), relax.const(0, p.ty.dtype), p))
                 if m["v_cast"]:
                     v = bb.emit(relax.op.astype(v, m["v_cast"]))
-                o = bb.emit_output(relax.op.matmul(p, v))
+                o = relax.op.matmul(p, v)
+                if m["layout"] == "bshd":  # the output chain the kernel folds (_output_chain)
+                    o = relax.op.permute_dims(bb.emit(o), [0, 2, 1, 3])
+                if m["dtypes"]["out"] != str(m["out"].dtype):
+                    o = relax.op.astype(bb.emit(o), m["dtypes"]["out"])
+                o = bb.emit_output(o)
             bb.emit_func_output(o)
         return bb.get()["reference"]
 
     # -- rewrite --------------------------------------------------------------------------------
+    def visit_var_binding_(self, binding):
+        if binding.var in self.pending:  # the end of an output chain the kernel folded
+            self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, self.pending.pop(binding.var)))
+            return
+        self.current = binding.var
+        super().visit_var_binding_(binding)
+
     def rewrite(self, value):
         m = self._match(value)
-        gv = self._dispatch(m) if m is not None else None
+        if m is None:
+            return None
+        chain = self._output_chain(self.current, m)
+        m["layout"] = "bshd" if chain else "bhsd"
+        if chain:
+            m["dtypes"] = {**m["dtypes"], "out": chain[1]}
+        gv = self._dispatch(m)
         if gv is None:
             return None
-        return relax.Call(gv, [self.visit_expr(m[x]) for x in ("q", "k", "v", "bias")])
+        call = self._call(gv, m)
+        if chain:  # the chain's last var becomes a reshape of the [b, s, h, d] result; the rest is dead
+            out = self.builder_.emit(call)
+            self.pending[chain[0]] = relax.op.reshape(out, chain[0].ty.shape)
+            return out
+        return call
+
+    def _call(self, gv, m):
+        if m["two"] is None:
+            args = [m["q"], m["k"], m["v"], m["bias"]]
+        else:
+            (kp, kn), (vp, vn) = m["two"]
+            args = [m["q"], kp, kn, vp, vn, m["bias"]]
+        return relax.Call(gv, [self.visit_expr(a) for a in args])
 
 
-def fuse_decode_attention(mod: tvm.IRModule, max_rows: int | None = None, func_name: str = "main"):
-    """Apply the rewrite to mod[func_name]; returns (module, number of attentions fused).
+def fuse_decode_attention(mod: tvm.IRModule, max_rows: int | None = None, func_name: str | None = None):
+    """Apply the rewrite to mod[func_name] (default: every entry function); returns (module, number of attentions fused).
     max_rows: the kernel runs for s <= max_rows query rows (default DECODE_ROWS, read at call time;
     0 keeps the chain everywhere, which is what benchmarks/bench_attention.py compares against)."""
     max_rows = DECODE_ROWS if max_rows is None else max_rows

@@ -77,8 +77,8 @@ class _Fuse(BindingRewriter):
         return relax.op.nn.rms_norm(self.visit_expr(x), ones, axes=[-1], epsilon=eps)
 
 
-def fuse_rmsnorm(mod: tvm.IRModule, func_name: str = "main"):
-    """Apply the rewrite to mod[func_name]; returns (module, number of norms rewritten)."""
+def fuse_rmsnorm(mod: tvm.IRModule, func_name: str | None = None):
+    """Apply the rewrite to mod[func_name] (default: every entry function); returns (module, number of norms rewritten)."""
     rw = _Fuse(mod)
     out = rewrite_main(mod, rw, func_name)
     return out, rw.count

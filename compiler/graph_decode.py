@@ -11,6 +11,9 @@ at a fixed length P instead, padded on the right and masked out:
       -> present[..., P, :] copied into past slot n (index_copy_ with n on the device; all layers'
          caches are views of one tensor, so that is one stack and one index_copy_ per step)
 
+(Artifacts with the main_new_kv entry, compiler/new_kv_entry.py, return that slot alone as present
+[b, h, 1, d]: the model then never copies the whole cache into a present output.)
+
 so every step has the same shapes. The step (the VM call plus the one-slot copies back into the input
 buffers) is captured once into a CUDA graph (torch.cuda.graph; TVM launches on torch's capture stream
 through tvm_ffi.use_torch_stream) and replayed: the host only writes the new token, its position
@@ -90,8 +93,12 @@ class PaddedDecode:
         import tvm
 
         args = [tvm.runtime.from_dlpack(self.feed[i["name"]]) for i in self.model.inputs]
-        out = self.model._main(*args, *self.model.params)
-        new = [torch.from_dlpack(out[i]).narrow(self.gen.axis, self.P, 1) for i in self.gen.present_index]
+        if self.model._new_kv is not None:  # presents of the new slot alone: no copy of the whole cache
+            out = self.model._new_kv(*args, *self.model.params)
+            new = [torch.from_dlpack(out[i]) for i in self.gen.present_index]
+        else:
+            out = self.model._main(*args, *self.model.params)
+            new = [torch.from_dlpack(out[i]).narrow(self.gen.axis, self.P, 1) for i in self.gen.present_index]
         for cache, members in self.caches:
             cache.index_copy_(self.gen.axis + 1, self.slot, torch.stack([new[i] for i in members]))
         return out, torch.from_dlpack(out[self.gen.logits_index])

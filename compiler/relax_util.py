@@ -1,4 +1,5 @@
-"""What the Relax rewrite passes share: op tests on bindings, scalar constants, applying a mutator to main."""
+"""What the Relax rewrite passes share: op tests on bindings, scalar constants, applying a mutator to the
+entry functions."""
 from __future__ import annotations
 
 import tvm
@@ -27,14 +28,39 @@ def emit_like(builder, var, value):
     return builder.emit(value, name_hint=var.name)
 
 
-def rewrite_main(mod: tvm.IRModule, rewriter, func_name: str = "main") -> tvm.IRModule:
-    """mod with mod[func_name]'s body visited by `rewriter` (a PyExprMutator over mod whose builder holds
-    any functions it added, counting its rewrites in `.count`); dead code dropped if it rewrote any."""
-    func = mod[func_name]
-    body = rewriter.visit_expr(func.body)
+def entry_names(mod: tvm.IRModule) -> list[str]:
+    """The module's public Relax functions: main, and main_new_kv where compiler/new_kv_entry.py added it."""
+    return [gv.name_hint for gv, f in mod.functions_items()
+            if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs]
+
+
+def use_counts(func) -> dict:
+    """How many times each var is used (not bound) in func's body."""
+    counts: dict = {}
+
+    def visit(e):
+        if isinstance(e, relax.Var):
+            counts[e] = counts.get(e, 0) + 1
+
+    relax.analysis.post_order_visit(func.body, visit)
+    return counts
+
+
+def rewrite_main(mod: tvm.IRModule, rewriter, func_name: str | None = None) -> tvm.IRModule:
+    """mod with mod[func_name]'s body (default: every entry function's) visited by `rewriter` (a
+    PyExprMutator over mod whose builder holds any functions it added, counting its rewrites in
+    `.count`, seeing the visited function's var use counts in `.uses`); dead code dropped if it
+    rewrote any."""
+    names = [func_name] if func_name else entry_names(mod)
+    bodies = {}
+    for name in names:
+        func = mod[name]
+        rewriter.uses = use_counts(func)
+        bodies[name] = (func, rewriter.visit_expr(func.body))
     out = rewriter.builder_.get()
-    out[func_name] = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
-    return relax.transform.DeadCodeElimination([func_name])(out) if rewriter.count else out
+    for name, (func, body) in bodies.items():
+        out[name] = relax.Function(func.params, body, func.ret_ty, func.is_pure, func.attrs, func.span)
+    return relax.transform.DeadCodeElimination(entry_names(out))(out) if rewriter.count else out
 
 
 class BindingRewriter(PyExprMutator):
@@ -45,12 +71,23 @@ class BindingRewriter(PyExprMutator):
     def __init__(self, mod):
         super().__init__(mod)
         self.bindings: dict = {}
+        self.uses: dict = {}  # var -> uses in the function being visited (set by rewrite_main)
         self.count = 0  # bindings rewritten
 
     def bound(self, expr, name: str):
         """expr's value (looking through one var) if it is a call of op `name`, else None."""
         value = self.bindings.get(expr, expr)
         return value if is_op(value, name) else None
+
+    def users_of(self) -> dict:
+        """var -> the vars of the recorded bindings whose call takes it as an argument."""
+        found: dict = {}
+        for var, value in self.bindings.items():
+            if isinstance(value, relax.Call):
+                for arg in value.args:
+                    if isinstance(arg, relax.Var):
+                        found.setdefault(arg, []).append(var)
+        return found
 
     def rewrite(self, value):
         raise NotImplementedError

@@ -89,6 +89,10 @@ class CompiledModel:
         self.params = [tvm.runtime.tensor(values[n], self.device) for n in meta["params"]]
         self.inputs, self.outputs = meta["inputs"], meta["outputs"]
         self._main = self.vm["main"]
+        # decoders with past also have an entry returning only the new cache slots (compiler/new_kv_entry.py),
+        # which the graph decode calls; artifacts from before it (no "entries") have main alone
+        new_kv = meta.get("entries", {}).get("new_kv")
+        self._new_kv = self.vm[new_kv] if new_kv else None
 
     # -- input checks ---------------------------------------------------------------------------
     def _bind(self, args, kwargs) -> list:

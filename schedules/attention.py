@@ -20,6 +20,9 @@ at their natural [b, h, T, d] layout, with fp32 math throughout:
     contiguous slice of the cache, leave their (m, l, acc) in a global workspace, and a second kernel
     (one warp per row) rescales them to the common max and sums them in a fixed order
     (flash-decoding). One block per row left the GPU mostly idle at T = 4096.
+  * the cache as one tensor per K / V, or (two_source) as the cached part and the new one, walked by two
+    loops that carry the running softmax across; the output as [b, h, s, d] or, out_layout "bshd", in
+    token order [b, s, h, d] (compiler/fuse_attention.py picks both).
 Semantics match the exported graph's, including its NaN guard: a row whose keys are all masked
 (bias -inf) gives 0, as where(isnan(softmax), 0, .) does (a chain without that guard would give NaN
 there; the kernel gives 0 either way). Keys past T and masked keys get weight 0.
@@ -49,16 +52,14 @@ SPLIT_FROM = 512  # keys (T) above which the split variant runs
 
 _KERNEL = Template('''
 @T.prim_func
-def attention(q_h: T.handle, k_h: T.handle, v_h: T.handle, bias_h: T.handle, o_h: T.handle):
+def attention(q_h: T.handle, $KV_PARAMS, bias_h: T.handle, o_h: T.handle):
     T.func_attr({"tirx.noalias": True})
     b = T.int64()
     s = T.int64()
-    n = T.int64()
     q = T.match_buffer(q_h, (b, T.int64($H), s, T.int64($D)), "$QD")
-    k = T.match_buffer(k_h, (b, T.int64($H), n, T.int64($D)), "$KD")
-    v = T.match_buffer(v_h, (b, T.int64($H), n, T.int64($D)), "$KD")
+$KV_BUFFERS
     bias = T.match_buffer(bias_h, ($BSHAPE, n), "$BD")
-    o = T.match_buffer(o_h, (b, T.int64($H), s, T.int64($D)), "$OD")
+    o = T.match_buffer(o_h, $OSHAPE, "$OD")
 $WORKSPACE
     for row in T.thread_binding(b * T.int64($H) * s, thread="blockIdx.x"):
         for sp in T.thread_binding($S, thread="blockIdx.y"):
@@ -91,20 +92,64 @@ $WORKSPACE
                         acc[e] = T.float32(0)
                     st[0] = T.float32("-inf")
                     st[1] = T.float32(0)
-                    for g in T.serial((ix[3] - ix[2] + T.int64($KB - 1)) // T.int64($KB)):
-                        j = T.meta_var(ix[2] + g * T.int64($KB) + T.Cast("int64", ty * 32 + tx))  # this lane's key
+$LOOPS
+                    for e in T.unroll($DL):
+                        sm_o[ty, tx * $DL + e] = acc[e]
+                    if tx == 0:
+                        sm_m[ty] = st[0]
+                        sm_l[ty] = st[1]
+                    if ty == 0:
+                        st[4] = T.float32("-inf")
+                        for w in T.unroll($W):
+                            st[4] = T.max(st[4], sm_m[w])
+                        st[1] = T.float32(0)
+                        for e in T.unroll($DL):
+                            acc[e] = T.float32(0)
+                        for w in T.unroll($W):
+                            st[5] = T.if_then_else(sm_m[w] == T.float32("-inf"), T.float32(0), T.exp(sm_m[w] - st[4]))
+                            st[1] = st[1] + sm_l[w] * st[5]
+                            for e in T.unroll($DL):
+                                acc[e] = acc[e] + sm_o[w, tx * $DL + e] * st[5]
+$STORE
+$COMBINE''')
+
+# The cache as one tensor per K and V (n keys), or as two (two_source): the cached keys (np) and the new
+# ones (nn) that the model's concat(past, new) would join; key j < np is past's row j, else new's j - np.
+# Reading the two in place is what lets the new-key/value entry (compiler/new_kv_entry.py) drop the
+# concat, which copied the whole cache every decode step.
+_ONE = dict(
+    KV_PARAMS="k_h: T.handle, v_h: T.handle",
+    KV_BUFFERS='''    n = T.int64()
+    k = T.match_buffer(k_h, (b, T.int64($H), n, T.int64($D)), "$KD")
+    v = T.match_buffer(v_h, (b, T.int64($H), n, T.int64($D)), "$KD")''')
+_TWO = dict(
+    KV_PARAMS="kp_h: T.handle, kn_h: T.handle, vp_h: T.handle, vn_h: T.handle",
+    KV_BUFFERS='''    np_ = T.int64()
+    nn = T.int64()
+    kp = T.match_buffer(kp_h, (b, T.int64($H), np_, T.int64($D)), "$KD")
+    kn = T.match_buffer(kn_h, (b, T.int64($H), nn, T.int64($D)), "$KD")
+    vp = T.match_buffer(vp_h, (b, T.int64($H), np_, T.int64($D)), "$KD")
+    vn = T.match_buffer(vn_h, (b, T.int64($H), nn, T.int64($D)), "$KD")
+    n = T.meta_var(np_ + nn)''')
+
+# The walk over keys [LO, HI) of KBUF / VBUF (key j is row j - OFF): one source walks [ix[2], ix[3]) of
+# k / v; two walk the cached keys of the block's range, then the new ones, with the running softmax
+# carried across. (One loop reading either source by a per-row branch ran 3.5x slower on the H200:
+# the branches kept the 32 value-row loads from going out together.)
+_LOOP = Template('''                    for g in T.serial(($HI - $LO + T.int64($KB - 1)) // T.int64($KB)):
+                        j = T.meta_var($LO + g * T.int64($KB) + T.Cast("int64", ty * 32 + tx))  # this lane's key
                         # every load of the iteration first: this lane's key row, then the warp's 32
-                        # value rows (a key past the range reads row n-1, weight 0): K and V in flight together
-                        if j < ix[3]:
+                        # value rows (a key past the range reads its last row, weight 0): K and V in flight together
+                        if j < $HI:
                             for c in T.unroll($D // $VK):
                                 for e in T.vectorized($VK):
-                                    kr[c * $VK + e] = k[bi, hi, j, c * $VK + e]
+                                    kr[c * $VK + e] = $KBUF[bi, hi, j - $OFF, c * $VK + e]
                         for r in T.unroll(32):
                             for e in T.vectorized($DL):
-                                vr[r, e] = v[bi, hi, T.min(ix[2] + g * T.int64($KB) + T.Cast("int64", ty * 32 + r),
-                                                           n - T.int64(1)), tx * $DL + e]
+                                vr[r, e] = $VBUF[bi, hi, T.min($LO + g * T.int64($KB) + T.Cast("int64", ty * 32 + r),
+                                                              $HI - T.int64(1)) - $OFF, tx * $DL + e]
                         st[2] = T.float32("-inf")
-                        if j < ix[3]:
+                        if j < $HI:
                             for p in T.unroll(4):
                                 dot[p] = T.float32(0)
                             for d in T.unroll($D):
@@ -132,31 +177,15 @@ $WORKSPACE
                         for r in T.unroll(32):
                             st[5] = T.tvm_warp_shuffle(T.uint32(0xFFFFFFFF), st[3], r, 32, 32)
                             for e in T.unroll($DL):
-                                acc[e] = acc[e] + st[5] * T.Cast("float32", vr[r, e])
-                    for e in T.unroll($DL):
-                        sm_o[ty, tx * $DL + e] = acc[e]
-                    if tx == 0:
-                        sm_m[ty] = st[0]
-                        sm_l[ty] = st[1]
-                    if ty == 0:
-                        st[4] = T.float32("-inf")
-                        for w in T.unroll($W):
-                            st[4] = T.max(st[4], sm_m[w])
-                        st[1] = T.float32(0)
-                        for e in T.unroll($DL):
-                            acc[e] = T.float32(0)
-                        for w in T.unroll($W):
-                            st[5] = T.if_then_else(sm_m[w] == T.float32("-inf"), T.float32(0), T.exp(sm_m[w] - st[4]))
-                            st[1] = st[1] + sm_l[w] * st[5]
-                            for e in T.unroll($DL):
-                                acc[e] = acc[e] + sm_o[w, tx * $DL + e] * st[5]
-$STORE
-$COMBINE''')
+                                acc[e] = acc[e] + st[5] * T.Cast("float32", vr[r, e])''')
+_ONE_LOOPS = [dict(LO="ix[2]", HI="ix[3]", OFF="T.int64(0)", KBUF="k", VBUF="v")]
+_TWO_LOOPS = [dict(LO="ix[2]", HI="T.min(ix[3], np_)", OFF="T.int64(0)", KBUF="kp", VBUF="vp"),
+              dict(LO="T.max(ix[2], np_)", HI="ix[3]", OFF="np_", KBUF="kn", VBUF="vn")]
 
 # one block: normalize and write the row
 _STORE_ROW = '''
                         for e in T.unroll($DL):
-                            o[bi, hi, qi, tx * $DL + e] = T.Cast("$OD", T.if_then_else(
+                            o[$OINDEX, tx * $DL + e] = T.Cast("$OD", T.if_then_else(
                                 st[1] > T.float32(0), acc[e] / st[1], T.float32(0)))'''
 # splits: each block leaves its (max, sum, unnormalized acc) for the combine kernel
 _STORE_PART = '''
@@ -191,17 +220,19 @@ _COMBINE = '''
                 for e in T.unroll($DL):
                     acc[e] = acc[e] + ws_o[row, i, tx * $DL + e] * st[2]
             for e in T.unroll($DL):
-                o[ix[0] // T.int64($H), ix[0] % T.int64($H), ix[1], tx * $DL + e] = T.Cast("$OD", T.if_then_else(
+                o[$OINDEX_C, tx * $DL + e] = T.Cast("$OD", T.if_then_else(
                     st[1] > T.float32(0), acc[e] / st[1], T.float32(0)))'''
 
 
 def attention_func(heads: int, head_dim: int, scale: float, dtypes: dict, bias_dims: tuple,
-                   cfg: Config = DEFAULT):
+                   cfg: Config = DEFAULT, two_source: bool = False, out_layout: str = "bhsd"):
     """The kernel PrimFunc, or None for a head dim it does not take.
 
     dtypes: {"q", "kv", "bias", "out"}; bias_dims: for the bias's first three dims, which broadcast:
     e.g. ("b", 1, "s") for a [b, 1, s, T] mask shared by all heads. cfg.splits > 1: the long-cache
-    variant (blocks over slices of the cache, then a combine kernel)."""
+    variant (blocks over slices of the cache, then a combine kernel). two_source: K and V each as
+    (past, new), params (q, kp, kn, vp, vn, bias, o). out_layout "bshd": o is [b, s, h, d] (what the
+    model's transpose back to tokens makes of [b, h, s, d]: compiler/fuse_attention.py folds it)."""
     import tvm
     from tvm.script import tirx as T  # noqa: F401  (the template's T)
 
@@ -215,7 +246,17 @@ def attention_func(heads: int, head_dim: int, scale: float, dtypes: dict, bias_d
         H=heads, D=head_dim, DL=head_dim // 32, VK=vk, W=cfg.warps, KB=32 * cfg.warps, S=cfg.splits,
         SCALE=repr(float(scale)), QD=dtypes["q"], KD=dtypes["kv"], BD=dtypes["bias"], OD=dtypes["out"],
         BSHAPE=", ".join(shape[d] for d in bias_dims), BINDEX=", ".join(index[d] for d in bias_dims))
+    if out_layout == "bshd":
+        fields.update(OSHAPE=f"(b, s, T.int64({heads}), T.int64({head_dim}))", OINDEX="bi, qi, hi",
+                      OINDEX_C=f"ix[0] // T.int64({heads}), ix[1], ix[0] % T.int64({heads})")
+    else:
+        fields.update(OSHAPE=f"(b, T.int64({heads}), s, T.int64({head_dim}))", OINDEX="bi, hi, qi",
+                      OINDEX_C=f"ix[0] // T.int64({heads}), ix[0] % T.int64({heads}), ix[1]")
     fill = lambda t: Template(t).substitute(fields) if t else ""
-    src = _KERNEL.substitute(fields, WORKSPACE=fill(_WORKSPACE if split else ""),
+    kv = {key: fill(t) for key, t in (_TWO if two_source else _ONE).items()}
+    kv["LOOPS"] = "\n".join(fill(_LOOP.substitute(loop, KB="$KB", D="$D", VK="$VK", DL="$DL", SCALE="$SCALE",
+                                                   BINDEX="$BINDEX"))
+                            for loop in (_TWO_LOOPS if two_source else _ONE_LOOPS))
+    src = _KERNEL.substitute(fields, **kv, WORKSPACE=fill(_WORKSPACE if split else ""),
                              STORE=fill(_STORE_PART if split else _STORE_ROW), COMBINE=fill(_COMBINE if split else ""))
     return tvm.script.from_source(src)

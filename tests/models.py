@@ -106,6 +106,66 @@ def onnx_sdpa(path, heads: int = 4, head_dim: int = 64):
                                         "mask": {0: "b", 2: "s", 3: "t"}})
 
 
+def onnx_sdpa_cache(path, heads: int = 4, head_dim: int = 64):
+    """onnx_sdpa over a cache the way decoders with past write it: K = concat(past_k, k), V likewise,
+    returned as the present outputs; keys j < lens[b] are attended (the mask is built from K's length,
+    as decoders build theirs), the output back in token order as decoders do before o_proj:
+    (q, past_k, k, past_v, v, lens [b]) -> (o [b, s, h * d] fp32, present_k, present_v)."""
+    import warnings
+
+    import torch
+
+    class SDPACache(torch.nn.Module):
+        def forward(self, q, past_k, k, past_v, v, lens):
+            k, v = torch.cat([past_k, k], 2), torch.cat([past_v, v], 2)
+            mask = (torch.arange(k.shape[2]) < lens[:, None])[:, None, None, :]
+            o = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+            return o.transpose(1, 2).reshape(q.shape[0], q.shape[2], -1).float(), k, v  # in token order
+
+    q = torch.randn(1, heads, 1, head_dim, dtype=torch.float16)
+    past = torch.randn(1, heads, 4, head_dim, dtype=torch.float16)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(SDPACache(), (q, past, q, past, q, torch.tensor([5])), str(path), dynamo=False,
+                          opset_version=17, input_names=["q", "past_k", "k", "past_v", "v", "lens"],
+                          output_names=["o", "present_k", "present_v"],
+                          dynamic_axes={"q": {0: "b", 2: "s"}, "k": {0: "b", 2: "s"}, "v": {0: "b", 2: "s"},
+                                        "past_k": {0: "b", 2: "p"}, "past_v": {0: "b", 2: "p"}, "lens": {0: "b"}})
+
+
+def onnx_add_rmsnorm(path, k: int = 256, eps: float = 1e-6):
+    """A pre-norm residual step the way HF Llama in fp16 exports it (compiler/fuse_add_rmsnorm.py):
+    r = h + float(d), y = w * half(r * rsqrt(mean(r^2) + eps)); r is read again: (h [b, s, k] fp32,
+    d [b * s, k] fp16) -> (y, r + 1)."""
+    import warnings
+
+    import torch
+
+    class AddNorm(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.linspace(0.5, 1.5, k, dtype=torch.float16))
+
+        def forward(self, h, d):
+            r = h + d.float().reshape(h.shape)
+            n = r * torch.rsqrt(r.pow(2).mean(-1, keepdim=True) + eps)
+            return self.w * n.half(), r + 1
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(AddNorm(), (torch.randn(1, 3, k), torch.randn(3, k, dtype=torch.float16)), str(path),
+                          dynamo=False, opset_version=17, input_names=["h", "d"], output_names=["y", "r1"],
+                          dynamic_axes={"h": {0: "b", 1: "s"}, "d": {0: "bs"}})
+
+
+def add_rmsnorm_reference(h, d, k: int = 256, eps: float = 1e-6):
+    """onnx_add_rmsnorm's outputs in float64 (y rounded through fp16 as the model does)."""
+    w = np.linspace(0.5, 1.5, k).astype(np.float16).astype(np.float64)
+    r = h.astype(np.float64) + d.astype(np.float64).reshape(h.shape)
+    n = (r / np.sqrt((r ** 2).mean(-1, keepdims=True) + eps)).astype(np.float16).astype(np.float64)
+    return w * n, r + 1
+
+
 def sdpa_reference(q, k, v, mask):
     """What the exported chain computes, in float64: masked keys -inf, all-masked rows 0."""
     q, k, v = (np.asarray(a, np.float64) for a in (q, k, v))

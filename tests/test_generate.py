@@ -172,6 +172,7 @@ def test_padded_fixed_shape_decode_equals_growing_cache(tmp_path):
     gen.graphs = True
     padded = m.generate(prompt, max_new_tokens=12).tokens
     assert gen._decoders, "the padded decode ran"
+    assert m._new_kv is not None  # and called the entry returning only the new slots
     np.testing.assert_array_equal(padded, growing)
     # its own guards (generate sizes the cache so they do not fire; a direct caller may trip them)
     dec = next(iter(gen._decoders.values()))
