@@ -150,9 +150,8 @@ class _Fuse(BindingRewriter):
         if gv is None:
             return super().visit_var_binding_(binding)
         k, b = m["k"], self.builder_
-        shape = list(var.ty.shape.values)
-        rows = shape[0]
-        for d in shape[1:-1]:
+        rows = 1  # the leading dims, flattened
+        for d in list(var.ty.shape.values)[:-1]:
             rows = rows * d
         flat = lambda x: b.emit(relax.op.reshape(self.visit_expr(x), [rows, k]))
         args = [flat(src) for src, _ in m["srcs"]] + [self.visit_expr(m["gamma"])]

@@ -57,7 +57,7 @@ from __future__ import annotations
 import dataclasses
 from string import Template
 
-from .template import ATTR, KERNEL_ATTR, ROWS_ATTR, TemplateRule, indent, signature, split_k_reduce
+from .template import ATTR, ROWS_ATTR, TemplateRule, indent, signature, split_k_reduce
 CONFIG_ATTR = "nibble.config"  # = compiler.tuning.CONFIG_ATTR: a tuned Config for this copy's launch
 VERSION = 2  # bump when the template changes meaning: tuning records of other versions are ignored
 # v2: one launch per bucket copy (was: small/large picked inside the copy), split_k

@@ -40,7 +40,7 @@ import dataclasses
 import math
 from string import Template
 
-from .template import ATTR, KERNEL_ATTR, ROWS_ATTR, TemplateRule, signature
+from .template import ATTR, ROWS_ATTR, TemplateRule, signature
 
 
 @dataclasses.dataclass(frozen=True)
