@@ -236,16 +236,14 @@ def kernel_breakdown(m, ids_len: int, steps: int = 3, prefill: bool = False):
     decoders = getattr(getattr(m, "_generator", None), "_decoders", None)
     if prefill:
         call = lambda: gen._step(ids, gen._empty_past(1), 0)
-    elif decoders:  # the step generate times: the fixed-shape one, replayed from its CUDA graph
-        dec = next(iter(decoders.values()))
-        _, past = gen._step(ids, gen._empty_past(1), 0)
-        dec.start(past, ids_len)
-        tok = np.array([5])
-        call = lambda: dec.step(tok)
     else:
         _, past = gen._step(ids, gen._empty_past(1), 0)
-        tok = np.array([[5]])
-        call = lambda: gen._step(tok, past, ids_len)
+        if decoders:  # the step generate times: the fixed-shape one, replayed from its CUDA graph
+            dec = next(iter(decoders.values()))
+            dec.start(past, ids_len)
+            call = lambda: dec.step(np.array([5]))
+        else:
+            call = lambda: gen._step(np.array([[5]]), past, ids_len)
     for _ in range(2):
         call()
     with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:

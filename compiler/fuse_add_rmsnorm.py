@@ -27,7 +27,7 @@ from tvm.relax.expr_functor import mutator
 from schedules.add_rmsnorm import ADD_RMSNORM, add_rmsnorm_func
 
 from .dispatch import KERNEL_ATTR
-from .relax_util import BindingRewriter, emit_like, is_op, rewrite_main
+from .relax_util import BindingRewriter, is_op, rewrite_main
 
 
 def _last_dim(expr) -> int | None:
@@ -52,7 +52,6 @@ class _Fuse(BindingRewriter):
     def __init__(self, mod):
         super().__init__(mod)
         self.funcs: dict = {}  # kernel key -> GlobalVar
-        self.pending: dict = {}  # y var -> its value (the second output), emitted at y's binding
 
     # -- matching ---------------------------------------------------------------------------------
     def _peel(self, x, k):
@@ -80,7 +79,7 @@ class _Fuse(BindingRewriter):
         if len(a_ty.shape.values) != len(b_ty.shape.values) or not all(
                 same(x, y) for x, y in zip(a_ty.shape.values, b_ty.shape.values)):
             return None  # broadcasting adds are not residual adds
-        users = self.users.get(r_var, [])
+        users = self.users_of().get(r_var, [])
         norm_var = next((u for u in users if is_op(self.bindings[u], "relax.nn.rms_norm")), None)
         if norm_var is None:
             return None
@@ -92,8 +91,8 @@ class _Fuse(BindingRewriter):
             return None
         # the epilogue: single-use casts, reshapes keeping k, multiplies by a [k] vector
         steps, weights, cur = [], [], norm_var
-        while self.uses.get(cur) == 1 and len(self.users.get(cur, [])) == 1:
-            nxt = self.users[cur][0]
+        while self.uses.get(cur) == 1 and len(self.users_of().get(cur, [])) == 1:
+            nxt = self.users_of()[cur][0]
             value = self.bindings[nxt]
             if is_op(value, "relax.astype") and _last_dim(value) == k:
                 steps.append(("cast", str(value.attrs.dtype)))
@@ -129,26 +128,15 @@ class _Fuse(BindingRewriter):
             self.funcs[key] = gv
         return self.funcs[key]
 
-    def visit_dataflow_block_(self, block):
-        self.users = None  # per block, after the bindings are recorded
-        return super().visit_dataflow_block_(block)
-
     def rewrite(self, value):
-        return None  # bindings are handled in visit_var_binding_ (two outputs, two places)
-
-    def visit_var_binding_(self, binding):
-        var, value = binding.var, binding.value
-        if var in self.pending:  # y: the kernel's second output, computed at r's binding
-            self.set_var_remap(var, emit_like(self.builder_, var, self.pending.pop(var)))
-            return
+        """r = add(a, b) -> r = reshape(t[0]) with t the kernel call; y, later, gets reshape(t[1])."""
+        var = self.current
         if not is_op(value, "relax.add") or not isinstance(var.ty, relax.TensorType):
-            return super().visit_var_binding_(binding)
-        if self.users is None:
-            self.users = self.users_of()
+            return None
         m = self._match(var, value)
         gv = self._kernel(m) if m is not None else None
         if gv is None:
-            return super().visit_var_binding_(binding)
+            return None
         k, b = m["k"], self.builder_
         rows = 1  # the leading dims, flattened
         for d in list(var.ty.shape.values)[:-1]:
@@ -158,10 +146,8 @@ class _Fuse(BindingRewriter):
         args += [self.visit_expr(w) for w in m["weights"]]
         out = [relax.TensorType([rows, k], m["add_dtype"]), relax.TensorType([rows, k], m["y_dtype"])]
         t = b.emit(relax.call_tir(gv, args, out))
-        r_new = relax.op.reshape(relax.TupleGetItem(t, 0), var.ty.shape)
         self.pending[m["y"]] = relax.op.reshape(relax.TupleGetItem(t, 1), m["y"].ty.shape)
-        self.count += 1
-        self.set_var_remap(var, emit_like(b, var, r_new))
+        return relax.op.reshape(relax.TupleGetItem(t, 0), var.ty.shape)
 
 
 def fuse_add_rmsnorm(mod: tvm.IRModule, func_name: str | None = None):

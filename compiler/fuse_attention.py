@@ -45,7 +45,7 @@ from tvm.relax.expr_functor import mutator
 from schedules.attention import ATTENTION, DEFAULT, SPLIT, SPLIT_FROM, attention_func
 
 from .dispatch import KERNEL_ATTR
-from .relax_util import BindingRewriter, emit_like, is_op, rewrite_main, scalar
+from .relax_util import BindingRewriter, is_op, rewrite_main, scalar
 
 DECODE_ROWS = 16  # query rows (tokens per sequence) up to which the fused kernel runs
 
@@ -61,8 +61,6 @@ class _Fuse(BindingRewriter):
     def __init__(self, mod, max_rows):
         super().__init__(mod)
         self.max_rows = max_rows
-        self.current = None  # the var of the binding being visited
-        self.pending: dict = {}  # var at the end of a folded output chain -> its new value
         self.funcs: dict = {}  # config key -> dispatch GlobalVar
 
     def _match(self, call):
@@ -257,13 +255,6 @@ class _Fuse(BindingRewriter):
         return bb.get()["reference"]
 
     # -- rewrite --------------------------------------------------------------------------------
-    def visit_var_binding_(self, binding):
-        if binding.var in self.pending:  # the end of an output chain the kernel folded
-            self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, self.pending.pop(binding.var)))
-            return
-        self.current = binding.var
-        super().visit_var_binding_(binding)
-
     def rewrite(self, value):
         m = self._match(value)
         if m is None:

@@ -86,7 +86,7 @@ def add_new_kv_entry(mod: tvm.IRModule) -> tuple[tvm.IRModule, int]:
         rw = _Rebind(mod, ret, relax.Tuple(fields))
         new_body = rw.visit_expr(body)
         out = rw.builder_.get()
-    attrs = {**dict(main.attrs), "global_symbol": ENTRY} if main.attrs else {"global_symbol": ENTRY}
     # ret type None: derived from the body (the present outputs' shapes changed)
-    out[ENTRY] = relax.Function(main.params, new_body, None, main.is_pure, tvm.ir.make_node("ir.DictAttrs", **attrs))
+    entry = relax.Function(main.params, new_body, None, main.is_pure, main.attrs)
+    out[ENTRY] = entry.with_attr("global_symbol", ENTRY)
     return relax.transform.DeadCodeElimination(["main", ENTRY])(out), cut

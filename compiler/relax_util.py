@@ -66,13 +66,18 @@ def rewrite_main(mod: tvm.IRModule, rewriter, func_name: str | None = None) -> t
 class BindingRewriter(PyExprMutator):
     """Base of a pass that replaces single bindings `v = value`: subclasses implement rewrite(value) ->
     new expression or None (and decorate themselves with relax.expr_functor.mutator). Every dataflow
-    block's bindings are recorded first, so a match can look back through vars with bound()."""
+    block's bindings are recorded first, so a match can look back through vars with bound() and
+    forward with users_of(); a rewrite whose result also replaces a later binding (a kernel with two
+    outputs) puts that value in `pending` under the later var."""
 
     def __init__(self, mod):
         super().__init__(mod)
         self.bindings: dict = {}
         self.uses: dict = {}  # var -> uses in the function being visited (set by rewrite_main)
+        self.current = None  # the var of the binding rewrite() is looking at
+        self.pending: dict = {}  # a later binding's var -> the value it gets instead (a rewrite with two outputs)
         self.count = 0  # bindings rewritten
+        self._users = None
 
     def bound(self, expr, name: str):
         """expr's value (looking through one var) if it is a call of op `name`, else None."""
@@ -80,14 +85,16 @@ class BindingRewriter(PyExprMutator):
         return value if is_op(value, name) else None
 
     def users_of(self) -> dict:
-        """var -> the vars of the recorded bindings whose call takes it as an argument."""
-        found: dict = {}
-        for var, value in self.bindings.items():
-            if isinstance(value, relax.Call):
-                for arg in value.args:
-                    if isinstance(arg, relax.Var):
-                        found.setdefault(arg, []).append(var)
-        return found
+        """var -> the vars of the recorded bindings whose call takes it as an argument (built once per
+        dataflow block)."""
+        if self._users is None:
+            self._users = {}
+            for var, value in self.bindings.items():
+                if isinstance(value, relax.Call):
+                    for arg in value.args:
+                        if isinstance(arg, relax.Var):
+                            self._users.setdefault(arg, []).append(var)
+        return self._users
 
     def rewrite(self, value):
         raise NotImplementedError
@@ -95,9 +102,14 @@ class BindingRewriter(PyExprMutator):
     def visit_dataflow_block_(self, block):
         for b in block.bindings:
             self.bindings[b.var] = b.value
+        self._users = None
         return super().visit_dataflow_block_(block)
 
     def visit_var_binding_(self, binding):
+        if binding.var in self.pending:  # given its value by an earlier rewrite
+            self.set_var_remap(binding.var, emit_like(self.builder_, binding.var, self.pending.pop(binding.var)))
+            return
+        self.current = binding.var
         new = self.rewrite(binding.value)
         if new is None:
             return super().visit_var_binding_(binding)

@@ -246,17 +246,13 @@ def attention_func(heads: int, head_dim: int, scale: float, dtypes: dict, bias_d
         H=heads, D=head_dim, DL=head_dim // 32, VK=vk, W=cfg.warps, KB=32 * cfg.warps, S=cfg.splits,
         SCALE=repr(float(scale)), QD=dtypes["q"], KD=dtypes["kv"], BD=dtypes["bias"], OD=dtypes["out"],
         BSHAPE=", ".join(shape[d] for d in bias_dims), BINDEX=", ".join(index[d] for d in bias_dims))
-    if out_layout == "bshd":
-        fields.update(OSHAPE=f"(b, s, T.int64({heads}), T.int64({head_dim}))", OINDEX="bi, qi, hi",
-                      OINDEX_C=f"ix[0] // T.int64({heads}), ix[1], ix[0] % T.int64({heads})")
-    else:
-        fields.update(OSHAPE=f"(b, T.int64({heads}), s, T.int64({head_dim}))", OINDEX="bi, hi, qi",
-                      OINDEX_C=f"ix[0] // T.int64({heads}), ix[0] % T.int64({heads}), ix[1]")
+    order = ("b", "s", "h") if out_layout == "bshd" else ("b", "h", "s")
+    combine = {"b": f"ix[0] // T.int64({heads})", "h": f"ix[0] % T.int64({heads})", "s": "ix[1]"}  # _COMBINE's
+    fields.update(OSHAPE=f"({', '.join(shape[d] for d in order)}, T.int64({head_dim}))",
+                  OINDEX=", ".join(index[d] for d in order), OINDEX_C=", ".join(combine[d] for d in order))
     fill = lambda t: Template(t).substitute(fields) if t else ""
     kv = {key: fill(t) for key, t in (_TWO if two_source else _ONE).items()}
-    kv["LOOPS"] = "\n".join(fill(_LOOP.substitute(loop, KB="$KB", D="$D", VK="$VK", DL="$DL", SCALE="$SCALE",
-                                                   BINDEX="$BINDEX"))
-                            for loop in (_TWO_LOOPS if two_source else _ONE_LOOPS))
+    kv["LOOPS"] = "\n".join(_LOOP.substitute(fields, **loop) for loop in (_TWO_LOOPS if two_source else _ONE_LOOPS))
     src = _KERNEL.substitute(fields, **kv, WORKSPACE=fill(_WORKSPACE if split else ""),
                              STORE=fill(_STORE_PART if split else _STORE_ROW), COMBINE=fill(_COMBINE if split else ""))
     return tvm.script.from_source(src)
