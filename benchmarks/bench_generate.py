@@ -276,6 +276,25 @@ def _nibble_run(args, onnx_path: Path, art: Path, res: dict, key: str, prefill_b
     pre = statistics.median(r.prefill_ms for r in runs)
     dec = statistics.median(r.decode_ms_per_token for r in runs)
     graphs = bool(m._generator._decoders)  # the fixed-shape, CUDA-graph decode (compiler/graph_decode.py)
+    edges = sum(d.programmatic for d in m._generator._decoders.values())  # compiler/cuda_graph.py
+    if graphs:  # the same graph decode with every edge full (stream order), in the same run
+        m._generator._decoders.clear()
+        m._generator.pdl = False
+        flat = [m.generate(ids, max_new_tokens=NEW) for _ in range(args.repeat + 1)][1:]
+        res[f"{key}_no_pdl"] = {"decode_ms": statistics.median(r.decode_ms_per_token for r in flat),
+                                "tokens": flat[-1].tokens.tolist()}
+        log(f"{key}: int4 CUDA graph, {edges} programmatic edges: decode {dec:.2f} ms/token; all edges "
+            f"full: {res[f'{key}_no_pdl']['decode_ms']:.2f} ms/token")
+        try:
+            rows = kernel_breakdown(m, PROMPT)
+            res[f"{key}_decode_kernels_no_pdl"] = rows
+            log(f"one decode step, full edges: {sum(r[1] for r in rows)} kernels, "
+                f"{sum(r[2] for r in rows) / 1e3:.2f} ms of GPU time")
+        except Exception as e:  # noqa: BLE001
+            log(f"kernel breakdown failed: {e!r}"[:300])
+        m._generator._decoders.clear()
+        m._generator.pdl = True
+        m.generate(ids, max_new_tokens=NEW)  # captured again, with programmatic edges, for the breakdown
     m._generator.graphs = False  # the same model with the growing cache, every kernel launched by the VM
     plain = [m.generate(ids, max_new_tokens=NEW) for _ in range(args.repeat + 1)][1:]
     res[f"{key}_no_graph"] = {"prefill_ms": statistics.median(r.prefill_ms for r in plain),
@@ -287,7 +306,10 @@ def _nibble_run(args, onnx_path: Path, art: Path, res: dict, key: str, prefill_b
     emb = cfg["vocab_size"] * cfg["hidden_size"] * 2  # the embedding table: one row read per token
     res[key] = {"prefill_ms": pre, "decode_ms": dec, "tokens": runs[-1].tokens.tolist(),
                 "weight_bytes_read_per_token": wbytes - emb, "cuda_graphs": graphs,
-                "tokens_equal_without_graphs": runs[-1].tokens.tolist() == plain[-1].tokens.tolist()}
+                "tokens_equal_without_graphs": runs[-1].tokens.tolist() == plain[-1].tokens.tolist(),
+                "programmatic_edges": edges}
+    if f"{key}_no_pdl" in res:
+        res[key]["tokens_equal_full_edges"] = runs[-1].tokens.tolist() == res[f"{key}_no_pdl"]["tokens"]
     log(f"{key}: int4: prefill {pre:.1f} ms, decode {dec:.2f} ms/token ({1e3 / dec:.0f} tokens/s, "
         f"{(wbytes - emb) / (dec * 1e-3) / 1e9:.0f} GB/s of weights)")
     for part, what, prefill in ((f"{key}_decode_kernels", "one decode step", False),
@@ -342,16 +364,21 @@ def write(res, out: Path):
     for key, label in [("hf_eager", "HF fp16 eager"), ("hf_compile", "HF fp16 static cache + torch.compile"),
                        ("torch_int4", "torch int4 swap + torch.compile"),
                        ("nibble_no_graph", "nibble int4, growing cache, no CUDA graph"),
-                       ("nibble", "nibble int4" + (", padded cache in a CUDA graph" if res.get("nibble", {}).get("cuda_graphs") else "")),
+                       ("nibble_no_pdl", "nibble int4, padded cache in a CUDA graph, stream-order edges"),
+                       ("nibble", "nibble int4" + (", padded cache in a CUDA graph" if res.get("nibble", {}).get("cuda_graphs") else "")
+                        + (f", {res['nibble']['programmatic_edges']} programmatic edges" if res.get("nibble", {}).get("programmatic_edges") else "")),
                        ("nibble_fallback_routes", "nibble int4, same, CUDA-core GEMV routes (dispatch.FALLBACK_ROUTES)")]:
         if key in res:
             r = res[key]
-            lines.append(f"| {label} | {r['prefill_ms']:.1f} | {r['decode_ms']:.2f} | {1e3 / r['decode_ms']:.0f} |")
+            pre = f"{r['prefill_ms']:.1f}" if "prefill_ms" in r else "-"
+            lines.append(f"| {label} | {pre} | {r['decode_ms']:.2f} | {1e3 / r['decode_ms']:.0f} |")
     if bw and floor_int4:
         lines += ["", f"Weight-read floor per decode token at {bw:.0f} GB/s copy: int4 "
                       f"{floor_int4 / bw / 1e6:.3f} ms" + (f", fp16 {res['fp16_weight_bytes_read_per_token'] / bw / 1e6:.3f} ms"
                                                        if "fp16_weight_bytes_read_per_token" in res else "")]
-    for key, what in (("nibble_decode_kernels", "One nibble decode step"),
+    for key, what in (("nibble_decode_kernels", "One nibble decode step (with programmatic edges a kernel's time "
+                       "includes its wait for the one before)"),
+                      ("nibble_decode_kernels_no_pdl", "One nibble decode step, stream-order edges"),
                       ("nibble_fallback_routes_decode_kernels", "One nibble decode step, CUDA-core GEMV routes"),
                       ("nibble_prefill_kernels", f"nibble's prefill ({PROMPT} tokens, VM path)")):
         if res.get(key):

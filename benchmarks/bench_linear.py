@@ -53,6 +53,8 @@ VARIANT_MS = (1, 4)
 # copy at every M it serves (name suffix -> Config overrides)
 MMA_VARIANTS = {f"w{w}u{u}": dict(warps=w, chunks=u) for w in (4, 8, 16) for u in (1, 2, 4)}
 MMA_VARIANTS["w8u2r2"] = dict(warps=8, chunks=2, row_tiles=2)
+# weight loads with cache qualifiers (gemv_mma.Config.loads), on each copy's per-N default config
+MMA_VARIANTS.update({"plain": dict(loads=""), "nc": dict(loads="nc.L1::no_allocate"), "p256": dict(loads="L2::256B")})
 # Hopper wgmma GEMM (schedules/gemm_wgmma.py) variants, timed with --candidates beside each "wgmma" copy:
 # t = tokens per block (wgmma n), w = warpgroups (64 W rows each), m = 64-row tiles per warpgroup,
 # s = ring stages, k = K slices (on the unbounded copy only: a variant replaces the per-bucket default whole)
@@ -62,6 +64,18 @@ WGMMA_VARIANTS = {f"t{t}w{w}m1s4" + (f"k{k}" if k > 1 else ""): dict(tokens=t, w
                                   (128, 1, 1), (128, 1, 2), (128, 2, 1), (128, 2, 2), (128, 2, 4), (128, 2, 8),
                                   (256, 2, 2), (256, 2, 4))}
 VARIANT_SETS = {"mma": MMA_VARIANTS, "wgmma": WGMMA_VARIANTS}  # per copy kind
+VARIANTS_ENV = "NIBBLE_BENCH_VARIANTS"  # --variants, for the compile workers
+
+
+def _keep_variants():
+    if os.environ.get(VARIANTS_ENV) is not None:
+        keep = set(os.environ[VARIANTS_ENV].split(","))
+        for variants in VARIANT_SETS.values():
+            for name in [v for v in variants if v not in keep]:
+                del variants[name]
+
+
+_keep_variants()
 LAUNCHES = 24  # launches captured per CUDA graph (at least one pass over the copies)
 ERR_MAX = 2e-3  # issue 3's bound on the relative error at K = 4096
 CHECK = (4096, 4096)  # (K, N) of the zero points + bias check with --candidates
@@ -286,6 +300,8 @@ def main():
     ap.add_argument("--ms", default=None, help=f"default {MS}; with --candidates {CANDIDATE_MS}")
     ap.add_argument("--candidates", action="store_true",
                     help="time every dispatch candidate copy at every M (and GEMM split_k variants)")
+    ap.add_argument("--variants", default=None,
+                    help="with --candidates: only these MMA_VARIANTS / WGMMA_VARIANTS names (comma-separated)")
     ap.add_argument("--splits", default=",".join(map(str, SPLITS)), help="split_k variants with --candidates")
     ap.add_argument("--no-dlight", action="store_true", help="skip stock dlight (implied by --candidates)")
     ap.add_argument("--name", default=None, help="output file stem (default bench_linear, with "
@@ -297,6 +313,9 @@ def main():
     ms = [int(v) for v in (args.ms or ",".join(map(str, CANDIDATE_MS if args.candidates else MS))).split(",")]
     splits = tuple(int(v) for v in args.splits.split(",") if v) if args.candidates else ()
     dlight = not (args.no_dlight or args.candidates)
+    if args.variants is not None:  # the spawned compile workers filter on import: through the environment
+        os.environ[VARIANTS_ENV] = args.variants
+        _keep_variants()
     out = Path(args.out)
     stem = args.name or ("bench_linear_candidates" if args.candidates else "bench_linear")
 

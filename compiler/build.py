@@ -188,6 +188,10 @@ def compile_model(source, example_inputs=None, output: str | os.PathLike | None 
     manifest["entries"] = entries
     manifest["kernels"] = {k: ({"tuned": True, "config": r["config"], "us": r["us"]} if r else {"tuned": False})
                            for k, r in kernels.items()}
+    if spec["kind"] == "cuda":  # the kernels a CUDA-graph decode may launch early (compiler/cuda_graph.py)
+        from .cuda_graph import waiting_kernels
+
+        manifest["graph_wait_kernels"] = waiting_kernels(ex)
     path = artifact.write(Path(output), ex, params, manifest)
     log(f"wrote {path}")
     return path

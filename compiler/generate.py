@@ -91,6 +91,8 @@ class Generator:
         # fixed-shape decode steps (compiler/graph_decode.py): None = on a GPU when the model allows,
         # True = also uncaptured on the CPU (tests), False = never
         self.graphs = None
+        # programmatic edges in the captured graphs (compiler/cuda_graph.py); False: plain stream order
+        self.pdl = True
         self._decoders = {}
 
     def _empty_past(self, batch: int):

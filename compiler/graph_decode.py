@@ -18,7 +18,9 @@ so every step has the same shapes. The step (the VM call plus the one-slot copie
 buffers) is captured once into a CUDA graph (torch.cuda.graph; TVM launches on torch's capture stream
 through tvm_ffi.use_torch_stream) and replayed: the host only writes the new token, its position
 (which is also the slot index) and one mask column. P is the prompt plus the new tokens rounded up to
-BUCKET, so one capture serves a whole generation and later ones of similar length.
+BUCKET, so one capture serves a whole generation and later ones of similar length. Before the graph is
+instantiated, the edges into our kernels that wait for their predecessor become programmatic
+(compiler/cuda_graph.py): they launch early and a GEMV's weights stream while the kernel before runs.
 Padding changes nothing the model computes for real tokens (masked keys get zero weight, positions
 come from position_ids, the query is the last key so the causal part masks nothing), which
 tests/test_generate.py checks token for token; without a GPU the same padded steps run uncaptured.
@@ -71,6 +73,7 @@ class PaddedDecode:
         self.feed.update({p["name"]: t for p, t in zip(gen.past, self.past)})
         assert set(self.feed) == set(spec), (sorted(self.feed), sorted(spec))
         self.capture, self.graph, self.out = capture, None, None
+        self.programmatic = 0  # edges made programmatic in the captured graph (compiler/cuda_graph.py)
         self.n = 0
 
     def start(self, present: list, n: int) -> None:
@@ -116,10 +119,25 @@ class PaddedDecode:
         torch.cuda.current_stream().wait_stream(side)
         for t, k in zip(self.past, keep):
             t.copy_(k)
-        self.graph = torch.cuda.CUDAGraph()
+        waiting = self.model.manifest.get("graph_wait_kernels", []) if self.gen.pdl else []
+        self.programmatic = 0
+        if waiting:
+            try:
+                self.graph = torch.cuda.CUDAGraph(keep_graph=True)  # edited before it is instantiated
+            except TypeError:  # a torch without keep_graph: plain edges
+                waiting = []
+        if not waiting:
+            self.graph = torch.cuda.CUDAGraph()
         # "relaxed": should the VM's pool still need a cudaMalloc, it may (the memory outlives the graph)
         with tvm_ffi.use_torch_stream(torch.cuda.graph(self.graph, capture_error_mode="relaxed")):
             self.out = self._run()  # the outputs live at the captured addresses: keep them
+        if waiting:
+            from .cuda_graph import make_programmatic
+
+            # programmatic edges into the kernels that wait for their predecessor (compiler/cuda_graph.py);
+            # should the driver refuse, this raises: a half-edited graph must not run
+            self.programmatic = make_programmatic(self.graph.raw_cuda_graph(), waiting)
+            self.graph.instantiate()
         # The step's intermediates went back to the VM's pool, and later VM calls (the next prefill)
         # may use that memory between replays. That is safe because a replay rewrites all of them
         # before reading, and what outlives a replay (self.out, the torch input buffers) is not pooled.

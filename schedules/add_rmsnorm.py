@@ -20,6 +20,8 @@ from __future__ import annotations
 
 from string import Template
 
+from .template import GRID_WAIT
+
 ADD_RMSNORM = "add_rmsnorm"  # the "nibble.kernel" tag of these kernels
 MIN_PER_THREAD = 8  # elements per thread at least (a decode step has one row: one block does it all)
 MAX_PER_THREAD = 64  # elements a thread keeps in registers between the sum and the normalization
@@ -38,6 +40,7 @@ $BUFFERS
             acc = T.alloc_buffer((1,), "float32", scope="local")
             part = T.alloc_buffer(($WARPS,), "float32", scope="shared")
             acc[0] = T.float32(0)
+            $WAIT
             # every load first (in registers, rounded to r's dtype), then the stores of r and the squares:
             # reading r back from memory, or storing between the loads, kept them from going out together
             for e in T.unroll($E):
@@ -107,5 +110,5 @@ def add_rmsnorm_func(k: int, eps: float, inputs: list, add_dtype: str, gamma: st
     src = _KERNEL.substitute(
         PARAMS=", ".join(params), BUFFERS="\n".join(buffers), K=k, RD=add_dtype, YD=out_dtype,
         THREADS=threads, E=k // threads, WARPS=threads // 32, INV_K=repr(1.0 / k), EPS=repr(float(eps)),
-        SUM=f"{terms[0]} + {terms[1]}", Y=y)
+        SUM=f"{terms[0]} + {terms[1]}", Y=y, WAIT=GRID_WAIT)
     return tvm.script.from_source(src)

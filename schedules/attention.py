@@ -34,6 +34,8 @@ from __future__ import annotations
 import dataclasses
 from string import Template
 
+from .template import GRID_WAIT
+
 ATTENTION = "attention"  # the "nibble.kernel" tag of these kernels
 
 
@@ -84,6 +86,7 @@ $WORKSPACE
                     bi = T.meta_var(ix[0] // T.int64($H))
                     hi = T.meta_var(ix[0] % T.int64($H))
                     qi = T.meta_var(ix[1])
+                    $WAIT
                     # q in shared memory (fp32), read back as broadcasts: registers go to K and V rows
                     if ty == 0:
                         for e in T.unroll($DL):
@@ -207,6 +210,7 @@ _COMBINE = '''
             ix = T.alloc_buffer((2,), "int64", scope="local")
             ix[0] = row // s
             ix[1] = row % s
+            $WAIT
             st[0] = T.float32("-inf")
             for i in T.unroll($S):
                 st[0] = T.max(st[0], ws_ml[row, i, 0])
@@ -245,7 +249,7 @@ def attention_func(heads: int, head_dim: int, scale: float, dtypes: dict, bias_d
     fields = dict(
         H=heads, D=head_dim, DL=head_dim // 32, VK=vk, W=cfg.warps, KB=32 * cfg.warps, S=cfg.splits,
         SCALE=repr(float(scale)), QD=dtypes["q"], KD=dtypes["kv"], BD=dtypes["bias"], OD=dtypes["out"],
-        BSHAPE=", ".join(shape[d] for d in bias_dims), BINDEX=", ".join(index[d] for d in bias_dims))
+        WAIT=GRID_WAIT, BSHAPE=", ".join(shape[d] for d in bias_dims), BINDEX=", ".join(index[d] for d in bias_dims))
     order = ("b", "s", "h") if out_layout == "bshd" else ("b", "h", "s")
     combine = {"b": f"ix[0] // T.int64({heads})", "h": f"ix[0] % T.int64({heads})", "s": "ix[1]"}  # _COMBINE's
     fields.update(OSHAPE=f"({', '.join(shape[d] for d in order)}, T.int64({head_dim}))",

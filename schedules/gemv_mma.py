@@ -31,6 +31,8 @@ and reads x in that order:
     chunk's mmas accumulate into a zeroed fragment, which is then scaled into the running sum. So the
     weights are never rounded to fp16: equal in exact arithmetic to the PrimFunc (which rounds each
     (q - z) * s to fp16), and closer to the fp32 reference.
+The first pipeline stage's weight loads go out before the kernel waits for the previous kernel
+(template.GRID_WAIT): in a CUDA graph with programmatic edges they overlap that kernel's run.
 Warps of a block split the chunks of one 16-row tile (x fragments are reused over ROW_TILES tiles per
 warp) and sum their fragments through shared memory at the end; blockIdx.y walks 8 * TT token tiles.
 Knobs in Config (per-arch defaults by N and token tiles in ArchConfig), searched by `nibble tune` (SPACE).
@@ -41,7 +43,7 @@ import dataclasses
 import math
 from string import Template
 
-from .template import ATTR, ROWS_ATTR, TemplateRule, indent, signature
+from .template import ATTR, GRID_WAIT, ROWS_ATTR, TemplateRule, indent, signature
 
 CHUNK = 128  # k per lane-quad per chunk: 4 lanes x 4 words x 8 nibbles
 VERSION = 1  # bump when the kernel changes meaning: tuning records of other versions are ignored
@@ -53,6 +55,11 @@ class Config:
     row_tiles: int = 1  # 16-row W tiles per warp (each x fragment feeds row_tiles mmas: less x traffic)
     chunks: int = 2  # U: chunks per pipeline step: a lane has 2 * row_tiles * U 16-byte loads in flight
     # while it computes the previous U chunks
+    # PTX qualifiers of the weight loads ("": TVM's plain vector load). The weights are read once: through
+    # the non-coherent path, not kept in L1 (x and the scales live there), and each 64-byte request
+    # asks L2 for the whole 256-byte segment, which the block's other warps read next. H200, M = 1..8
+    # (h200_gemv_loads.md): 2-8% faster than plain loads on the four Llama shapes.
+    loads: str = "nc.L1::no_allocate.L2::256B"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -161,22 +168,21 @@ __forceinline__ __device__ void nb_mma_chunk(float* acc, const unsigned* w0, con
 # Stage `it` of the software pipeline over a warp's groups of U chunks: the loads of group it (into
 # register buffer it % 2), then the math of group it - 1. The stages are unrolled here, in Python, so
 # the buffers' indices are constants (registers) and the loads of group it are issued before the math
-# of group it - 1. $-fields as in _KERNEL plus IT.
+# of group it - 1. $-fields as in _KERNEL plus CHUNK_OF (chunk u of the warp's step it) and BUF.
 _LOAD = Template('''
 for u in T.unroll($U):
-    c = T.meta_var(($IT * $U + u) * $W + warp)
+    c = T.meta_var($CHUNK_OF)
     if c < $C:
         for rt in T.unroll($RT):
             for h in T.unroll(2):
                 q = T.meta_var((($BUF * $U + u) * $RT + rt) * 2 + h)
-                for v in T.vectorized(4):
-                    wv[q * 4 + v] = qweight[bx * $RB + rt * 16 + h * 8 + r, c * 16 + t * 4 + v]
+$WLOAD
                 sc[q] = scales[bx * $RB + rt * 16 + h * 8 + r, c * $CHUNK // $G]
                 zc[q] = $ZERO
 ''')
 _MATH = Template('''
 for u in T.unroll($U):
-    c = T.meta_var(($IT * $U + u) * $W + warp)
+    c = T.meta_var($CHUNK_OF)
     if c < $C:
         for rt in T.unroll($RT):
             q = T.meta_var((($BUF * $U + u) * $RT + rt) * 2)
@@ -189,6 +195,27 @@ for u in T.unroll($U):
                              * T.int64($K) + T.Cast("int64", c * $CHUNK + t * 32)),
                 $TT, sc[q], sc[q + 1], zc[q], zc[q + 1], source_code=$HELPERS))
 ''')
+
+# One lane's 16 bytes of W (the 4 words of row bx * RB + rt * 16 + h * 8 + r at chunk c): TVM's vector
+# load, or (Config.loads) inline PTX with cache qualifiers. $-fields RB, KW (words per row).
+_WLOAD = '''                for v in T.vectorized(4):
+                    wv[q * 4 + v] = qweight[bx * $RB + rt * 16 + h * 8 + r, c * 16 + t * 4 + v]'''
+_WLOAD_PTX = '''                T.evaluate(T.cuda.func_call("NAME", wv.access_ptr("w", offset=q * 4), qweight.access_ptr(
+                    "r", offset=(bx * $RB + rt * 16 + h * 8 + r) * $KW + c * 16 + t * 4), source_code=SRC))'''
+_LD_HELPER = """
+__forceinline__ __device__ void {name}(unsigned* d, const unsigned* s) {{
+  asm("ld.global.{q}.v4.u32 {{%0, %1, %2, %3}}, [%4];" : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]) : "l"(s));
+}}
+"""
+
+
+def _weight_load(loads: str) -> Template:
+    if not loads:
+        return Template(_WLOAD)
+    name = "nb_ld_" + "".join(ch if ch.isalnum() else "_" for ch in loads)
+    src = _LD_HELPER.format(name=name, q=loads)
+    return Template(_WLOAD_PTX.replace("NAME", name).replace("SRC", repr(src)))
+
 
 # $-fields: SIGNATURE (template.signature) K G (group) C (chunks per row) CHUNK TT (token tiles) TOK (= 8 TT)
 # W (warps) RT U ITERS (pipeline groups per warp) RB (rows per block) NBLK OUT (outputs per block) OPT
@@ -248,12 +275,19 @@ def gemv_mma_func(attrs: dict, rows: int, cfg: Config):
         U=cfg.chunks, ITERS=math.ceil(c / (cfg.chunks * cfg.warps)), RB=rb, NBLK=n // rb, OUT=out,
         OPT=math.ceil(out / (32 * cfg.warps)), SIGNATURE=signature("gemv_mma", attrs), ZERO=zero, VAL=val,
         HELPERS=repr(_HELPERS))
+    # chunk u of this warp's pipeline step it: chunk c goes to warp c % W, so a step's warps read adjacent
+    # 64-byte pieces of each row (a warp taking a contiguous run of chunks instead ran 5-40% slower on
+    # the H200, h200_gemv_loads.md)
+    chunk_of = lambda it: f"({it * cfg.chunks} + u) * {cfg.warps} + warp"  # noqa: E731
+    fields["WLOAD"] = _weight_load(cfg.loads).substitute(RB=rb, KW=k // 8)
     stages = []
     for it in range(fields["ITERS"] + 1):  # see _LOAD / _MATH
         if it < fields["ITERS"]:
-            stages.append(_LOAD.substitute(fields, IT=it, BUF=it % 2))
+            stages.append(_LOAD.substitute(fields, CHUNK_OF=chunk_of(it), BUF=it % 2))
+        if it == 0:  # the first group's weights are in flight before x, the previous kernel's output
+            stages.append(GRID_WAIT)
         if it >= 1:
-            stages.append(_MATH.substitute(fields, IT=it - 1, BUF=(it - 1) % 2))
+            stages.append(_MATH.substitute(fields, CHUNK_OF=chunk_of(it - 1), BUF=(it - 1) % 2))
     src = _KERNEL.substitute(fields, PIPELINE=indent("\n".join(stages), 16))
     import tvm
     from tvm.script import tirx as T  # noqa: F401  (the template's T)

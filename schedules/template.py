@@ -14,6 +14,22 @@ ATTR = "nibble.int4"  # = compiler.int4_kernel.ATTR (not imported: schedules mus
 KERNEL_ATTR = "nibble.kernel"  # "mma" | "gemv" | "gemm" | "wgmma", set by compiler/dispatch.py on its copies
 ROWS_ATTR = "nibble.rows"  # = compiler.dispatch.ROWS_ATTR: the token bucket R a copy serves (m <= R)
 
+# Programmatic dependent launch (Hopper, sm_90+). In a CUDA graph whose edge into a kernel is
+# programmatic (compiler/cuda_graph.py), the kernel's blocks may start while the kernel before it still
+# runs, and `griddepcontrol.wait` blocks until that kernel has finished with its writes visible. So a
+# kernel calls it before its first read of anything an earlier kernel writes, and before its first
+# write: what comes before may read only constants (a GEMV's weights, which it thus fetches while the
+# previous kernel runs). Launched any other way (the VM, no graph, older GPUs) the wait returns at once.
+GRID_WAIT_SRC = r"""
+__forceinline__ __device__ void nb_grid_wait() {
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+  asm volatile("griddepcontrol.wait;" ::: "memory");
+#endif
+}
+"""
+GRID_WAIT = f'T.evaluate(T.cuda.func_call("nb_grid_wait", source_code={GRID_WAIT_SRC!r}))'  # TVMScript
+GRID_WAIT_CALL = "nb_grid_wait()"  # its call in the CUDA source: compiler/cuda_graph.py finds the kernels by it
+
 
 def indent(text: str, n: int) -> str:
     """text without its surrounding blank lines, every non-blank line indented by n spaces (for

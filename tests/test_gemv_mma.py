@@ -40,8 +40,16 @@ def test_rule_emits_mma_kernel(n, k, rows, cfg, bias, config):
     assert sch.mod["main"].attrs[ATTR]["n"] == n  # the spec attrs survive for dispatch/tuning/inspect
     _, src = _build({"k": func})
     body = src[src.index("void __launch_bounds__"):]
-    assert "nb_mma_chunk(" in body and "*(uint4*)(qweight_ptr" in body  # 128-bit weight loads
+    # 128-bit weight loads, streamed past L1 with a 256-byte L2 fetch (Config.loads)
+    assert "nb_mma_chunk(" in body and "ld.global.nc.L1::no_allocate.L2::256B.v4.u32" in src
     assert "mma.sync.aligned.m16n8k16.row.col.f32.f16.f16.f32" in src
+    # the first weights are requested before the wait for the previous kernel (compiler/cuda_graph.py),
+    # x (that kernel's output) only after it
+    assert body.index("(&(qweight_ptr[") < body.index("nb_grid_wait();") < body.index("nb_mma_chunk(")
+    assert "x_ptr" not in body[body.index("{"):body.index("nb_grid_wait();")]
+    if not config:  # TVM's own vector load where no qualifiers are asked for
+        _, plain = _build({"k": _copy(n, k, rows, cfg, bias, loads="")})
+        assert "*(uint4*)(wv_ptr + 0) = *(uint4*)(qweight_ptr" in plain and "ld.global.nc" not in plain
     assert GEMVMMA().apply(func, tvm.target.Target("llvm"), False) is None
     assert GEMVMMA().apply(func.with_attr({KERNEL_ATTR: "gemv"}), _target(), False) is None  # not our copy
 
