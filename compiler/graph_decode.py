@@ -29,6 +29,8 @@ of the whole cache per Llama-2-7B step, where one slot per layer and tensor is n
 """
 from __future__ import annotations
 
+import warnings
+
 import numpy as np
 
 BUCKET = 128  # cache lengths are multiples of this (one capture per length and batch)
@@ -120,11 +122,26 @@ class PaddedDecode:
         for t, k in zip(self.past, keep):
             t.copy_(k)
         waiting = self.model.manifest.get("graph_wait_kernels", []) if self.gen.pdl else []
+        try:
+            self._record(waiting)
+        except RuntimeError as e:  # the driver refused an edge edit: that graph is dropped, never run
+            warnings.warn(f"decode graph without programmatic edges: {e}")
+            self._record([])
+        # The step's intermediates went back to the VM's pool, and later VM calls (the next prefill)
+        # may use that memory between replays. That is safe because a replay rewrites all of them
+        # before reading, and what outlives a replay (self.out, the torch input buffers) is not pooled.
+
+    def _record(self, waiting: list) -> None:
+        """Capture the step into self.graph; with `waiting` (kernel names), the edges into those kernels
+        are made programmatic (compiler/cuda_graph.py) before the graph is instantiated."""
+        import torch
+        import tvm_ffi
+
         self.programmatic = 0
         if waiting:
             try:
                 self.graph = torch.cuda.CUDAGraph(keep_graph=True)  # edited before it is instantiated
-            except TypeError:  # a torch without keep_graph: plain edges
+            except TypeError:  # a torch without keep_graph: stream-order edges
                 waiting = []
         if not waiting:
             self.graph = torch.cuda.CUDAGraph()
@@ -134,13 +151,8 @@ class PaddedDecode:
         if waiting:
             from .cuda_graph import make_programmatic
 
-            # programmatic edges into the kernels that wait for their predecessor (compiler/cuda_graph.py);
-            # should the driver refuse, this raises: a half-edited graph must not run
             self.programmatic = make_programmatic(self.graph.raw_cuda_graph(), waiting)
             self.graph.instantiate()
-        # The step's intermediates went back to the VM's pool, and later VM calls (the next prefill)
-        # may use that memory between replays. That is safe because a replay rewrites all of them
-        # before reading, and what outlives a replay (self.out, the torch input buffers) is not pooled.
 
     def step(self, tok: np.ndarray) -> np.ndarray:
         """Feed one token per sequence; returns the next logits [b, vocab] (float32, host)."""

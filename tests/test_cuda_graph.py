@@ -37,6 +37,15 @@ def test_cpu_build_lists_none(tmp_path):
     assert "graph_wait_kernels" not in nibble.load(art).manifest
 
 
+@needs_nvcc
+def test_pre_hopper_build_lists_none(tmp_path):
+    """Before sm_90 the wait compiles to nothing and a graph cannot take programmatic edges."""
+    models.onnx_add_rmsnorm(tmp_path / "a.onnx")
+    art = nibble.compile_model(tmp_path / "a.onnx", target="cuda", arch="sm_80", output=tmp_path / "a.nibble",
+                               log=lambda s: None)
+    assert "graph_wait_kernels" not in json.loads((art / "manifest.json").read_text())
+
+
 @pytest.mark.gpu
 def test_programmatic_edges_keep_the_tokens(tmp_path):
     """An fp16 Llama compiled to int4 (decode GEMVs on tensor cores, attention, add + RMSNorm: all
