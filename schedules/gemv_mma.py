@@ -197,11 +197,12 @@ for u in T.unroll($U):
 ''')
 
 # One lane's 16 bytes of W (the 4 words of row bx * RB + rt * 16 + h * 8 + r at chunk c): TVM's vector
-# load, or (Config.loads) inline PTX with cache qualifiers. $-fields RB, KW (words per row).
+# load, or (Config.loads) inline PTX with cache qualifiers. $-fields RB, KW (words per row), LDNAME and
+# LDSRC (the helper's name and source).
 _WLOAD = '''                for v in T.vectorized(4):
                     wv[q * 4 + v] = qweight[bx * $RB + rt * 16 + h * 8 + r, c * 16 + t * 4 + v]'''
-_WLOAD_PTX = '''                T.evaluate(T.cuda.func_call("NAME", wv.access_ptr("w", offset=q * 4), qweight.access_ptr(
-                    "r", offset=(bx * $RB + rt * 16 + h * 8 + r) * $KW + c * 16 + t * 4), source_code=SRC))'''
+_WLOAD_PTX = '''                T.evaluate(T.cuda.func_call("$LDNAME", wv.access_ptr("w", offset=q * 4), qweight.access_ptr(
+                    "r", offset=(bx * $RB + rt * 16 + h * 8 + r) * $KW + c * 16 + t * 4), source_code=$LDSRC))'''
 _LD_HELPER = """
 __forceinline__ __device__ void {name}(unsigned* d, const unsigned* s) {{
   asm("ld.global.{q}.v4.u32 {{%0, %1, %2, %3}}, [%4];" : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]) : "l"(s));
@@ -209,12 +210,13 @@ __forceinline__ __device__ void {name}(unsigned* d, const unsigned* s) {{
 """
 
 
-def _weight_load(loads: str) -> Template:
+def _weight_load(loads: str, rb: int, kw: int) -> str:
+    """The TVMScript of one lane's weight load (_WLOAD or, with `loads`, _WLOAD_PTX and its helper)."""
     if not loads:
-        return Template(_WLOAD)
+        return Template(_WLOAD).substitute(RB=rb)
     name = "nb_ld_" + "".join(ch if ch.isalnum() else "_" for ch in loads)
-    src = _LD_HELPER.format(name=name, q=loads)
-    return Template(_WLOAD_PTX.replace("NAME", name).replace("SRC", repr(src)))
+    return Template(_WLOAD_PTX).substitute(RB=rb, KW=kw, LDNAME=name,
+                                           LDSRC=repr(_LD_HELPER.format(name=name, q=loads)))
 
 
 # $-fields: SIGNATURE (template.signature) K G (group) C (chunks per row) CHUNK TT (token tiles) TOK (= 8 TT)
@@ -279,7 +281,7 @@ def gemv_mma_func(attrs: dict, rows: int, cfg: Config):
     # 64-byte pieces of each row (a warp taking a contiguous run of chunks instead ran 5-40% slower on
     # the H200, h200_gemv_loads.md)
     chunk_of = lambda it: f"({it * cfg.chunks} + u) * {cfg.warps} + warp"  # noqa: E731
-    fields["WLOAD"] = _weight_load(cfg.loads).substitute(RB=rb, KW=k // 8)
+    fields["WLOAD"] = _weight_load(cfg.loads, rb, k // 8)
     stages = []
     for it in range(fields["ITERS"] + 1):  # see _LOAD / _MATH
         if it < fields["ITERS"]:
