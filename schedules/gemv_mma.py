@@ -74,12 +74,13 @@ class ArchConfig:
 #  * N = 4096 (256 tiles): 16 warps 5.3 vs 5.9 (8 warps) at m = 1; at m = 16 8 warps 8.6 vs 10.1 (16):
 #    two token tiles take ~100 registers, so 16-warp blocks fit one per SM.
 #  * N = 12288 (768 tiles): 4 warps 11.2 vs 11.5 (8) at m = 1, 20.2 vs 21.2 at m = 16.
-#  * N = 22016 (1376 tiles): 8 warps 17.4 vs 19.5 (4; probably its 1.5 waves of resident blocks);
-#    at m = 16 two row tiles per warp 34.3 vs 39.8 (x is re-read from L2 once per block: 16 tokens of x
-#    are 128 KiB per block at K = 4096, more than its 32 KiB of weights).
+#  * N = 22016 (1376 tiles): 8 warps 17.4 vs 19.5 (4; probably its 1.5 waves of resident blocks).
+#    At m = 16, with the streamed loads (h200_gemv_loads.md run 4): 4 warps of 4 chunks per step 29.6 vs
+#    32.8 for 8 warps with two row tiles (the choice before them: 34.3 vs 39.8 then) and 38.1 for 4 warps
+#    of 2 chunks; at m = 8 the three tie (26.5-26.7).
 _H200 = ArchConfig(by_tiles=((512, Config(warps=16), Config(warps=8)),
                              (1024, Config(warps=4), Config(warps=4)),
-                             (1 << 30, Config(warps=8), Config(warps=8, row_tiles=2))))
+                             (1 << 30, Config(warps=8), Config(warps=4, chunks=4))))
 DEFAULTS = {"sm_90": _H200, "default": _H200}  # other GPUs: not measured, the H200's choice
 SPACE = {"warps": (4, 8, 16), "row_tiles": (1, 2), "chunks": (1, 2, 4)}
 
