@@ -188,7 +188,7 @@ def compile_model(source, example_inputs=None, output: str | os.PathLike | None 
     manifest["entries"] = entries
     manifest["kernels"] = {k: ({"tuned": True, "config": r["config"], "us": r["us"]} if r else {"tuned": False})
                            for k, r in kernels.items()}
-    if spec["kind"] == "cuda" and int(spec["arch"].split("_")[1].rstrip("a")) >= 90:
+    if spec["kind"] == "cuda" and int(spec["arch"][3:]) >= 90:  # resolve() gives "sm_XX"
         # the kernels a CUDA-graph decode may launch early (compiler/cuda_graph.py): Hopper and later
         # (before sm_90 the wait compiles to nothing and graphs take no programmatic edges)
         from .cuda_graph import waiting_kernels

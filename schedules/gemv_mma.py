@@ -169,10 +169,12 @@ __forceinline__ __device__ void nb_mma_chunk(float* acc, const unsigned* w0, con
 # Stage `it` of the software pipeline over a warp's groups of U chunks: the loads of group it (into
 # register buffer it % 2), then the math of group it - 1. The stages are unrolled here, in Python, so
 # the buffers' indices are constants (registers) and the loads of group it are issued before the math
-# of group it - 1. $-fields as in _KERNEL plus CHUNK_OF (chunk u of the warp's step it) and BUF.
+# of group it - 1. Chunk c goes to warp c % W, so a step's warps read adjacent 64-byte pieces of each row
+# (a warp taking a contiguous run of chunks instead ran 5-40% slower on the H200, h200_gemv_loads.md).
+# $-fields as in _KERNEL plus IT and BUF.
 _LOAD = Template('''
 for u in T.unroll($U):
-    c = T.meta_var($CHUNK_OF)
+    c = T.meta_var(($IT * $U + u) * $W + warp)
     if c < $C:
         for rt in T.unroll($RT):
             for h in T.unroll(2):
@@ -183,7 +185,7 @@ $WLOAD
 ''')
 _MATH = Template('''
 for u in T.unroll($U):
-    c = T.meta_var($CHUNK_OF)
+    c = T.meta_var(($IT * $U + u) * $W + warp)
     if c < $C:
         for rt in T.unroll($RT):
             q = T.meta_var((($BUF * $U + u) * $RT + rt) * 2)
@@ -278,19 +280,15 @@ def gemv_mma_func(attrs: dict, rows: int, cfg: Config):
         U=cfg.chunks, ITERS=math.ceil(c / (cfg.chunks * cfg.warps)), RB=rb, NBLK=n // rb, OUT=out,
         OPT=math.ceil(out / (32 * cfg.warps)), SIGNATURE=signature("gemv_mma", attrs), ZERO=zero, VAL=val,
         HELPERS=repr(_HELPERS))
-    # chunk u of this warp's pipeline step it: chunk c goes to warp c % W, so a step's warps read adjacent
-    # 64-byte pieces of each row (a warp taking a contiguous run of chunks instead ran 5-40% slower on
-    # the H200, h200_gemv_loads.md)
-    chunk_of = lambda it: f"({it * cfg.chunks} + u) * {cfg.warps} + warp"  # noqa: E731
     fields["WLOAD"] = _weight_load(cfg.loads, rb, k // 8)
     stages = []
     for it in range(fields["ITERS"] + 1):  # see _LOAD / _MATH
         if it < fields["ITERS"]:
-            stages.append(_LOAD.substitute(fields, CHUNK_OF=chunk_of(it), BUF=it % 2))
+            stages.append(_LOAD.substitute(fields, IT=it, BUF=it % 2))
         if it == 0:  # the first group's weights are in flight before x, the previous kernel's output
             stages.append(GRID_WAIT)
         if it >= 1:
-            stages.append(_MATH.substitute(fields, CHUNK_OF=chunk_of(it - 1), BUF=(it - 1) % 2))
+            stages.append(_MATH.substitute(fields, IT=it - 1, BUF=(it - 1) % 2))
     src = _KERNEL.substitute(fields, PIPELINE=indent("\n".join(stages), 16))
     import tvm
     from tvm.script import tirx as T  # noqa: F401  (the template's T)
