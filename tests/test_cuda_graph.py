@@ -46,40 +46,71 @@ def test_pre_hopper_build_lists_none(tmp_path):
     assert "graph_wait_kernels" not in json.loads((art / "manifest.json").read_text())
 
 
-@pytest.mark.gpu
-def test_programmatic_edges_keep_the_tokens(tmp_path):
-    """An fp16 Llama compiled to int4 (decode GEMVs on tensor cores, attention, add + RMSNorm: all
-    kernels that wait): the decode graph with programmatic edges gives the tokens of the same graph in
-    stream order, and of the VM's growing-cache decode."""
+@pytest.fixture(scope="module")
+def int4_llama(tmp_path_factory):
+    """An fp16 Llama compiled to int4 (decode GEMVs on tensor cores, attention, add + RMSNorm: all kernels
+    that wait): (its layer count, artifact path)."""
     pytest.importorskip("transformers")
     import torch
     import transformers
 
     from nibble.hf import export_causal_lm_with_past
 
+    tmp = tmp_path_factory.mktemp("int4_llama")
     torch.manual_seed(0)
     cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
                                    num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)
     model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
-    export_causal_lm_with_past(model, tmp_path / "l.onnx")
-    m = nibble.load(nibble.compile_model(tmp_path / "l.onnx", target="cuda", output=tmp_path / "l.nibble", log=print))
+    export_causal_lm_with_past(model, tmp / "l.onnx")
+    return cfg.num_hidden_layers, nibble.compile_model(tmp / "l.onnx", target="cuda", output=tmp / "l.nibble",
+                                                       log=print)
+
+
+PROMPT = np.random.default_rng(0).integers(0, 512, (1, 9))
+
+
+@pytest.mark.gpu
+def test_programmatic_edges_keep_the_tokens(int4_llama):
+    """The decode graph with programmatic edges gives the tokens of the same graph in stream order, and
+    of the VM's growing-cache decode."""
+    layers, art = int4_llama
+    m = nibble.load(art)
     waiting = m.manifest["graph_wait_kernels"]
     for kind in ("_mma8_kernel", "attention_", "add_rmsnorm_"):
         assert any(kind in name for name in waiting), (kind, waiting)
-    prompt = np.random.default_rng(0).integers(0, 512, (1, 9))
-    pdl = [m.generate(prompt, max_new_tokens=16) for _ in range(2)]  # the second replays the capture
+    pdl = [m.generate(PROMPT, max_new_tokens=16) for _ in range(2)]  # the second replays the capture
     gen = m._generator
     edges = next(iter(gen._decoders.values())).programmatic
     # per layer at least the 4 GEMVs, the attention and 2 add + RMSNorm follow another kernel
-    assert edges >= 7 * cfg.num_hidden_layers, edges
+    assert edges >= 7 * layers, edges
     gen._decoders.clear()
     gen.pdl = False
-    full = m.generate(prompt, max_new_tokens=16)
+    full = m.generate(PROMPT, max_new_tokens=16)
     assert next(iter(gen._decoders.values())).programmatic == 0
     gen.graphs = False
-    plain = m.generate(prompt, max_new_tokens=16)
+    plain = m.generate(PROMPT, max_new_tokens=16)
     print(f"{edges} programmatic edges: decode {pdl[1].decode_ms_per_token:.3f} ms/token, full edges "
           f"{full.decode_ms_per_token:.3f}, no graph {plain.decode_ms_per_token:.3f}")
     for g in pdl:
         np.testing.assert_array_equal(g.tokens, full.tokens)
     np.testing.assert_array_equal(full.tokens, plain.tokens)
+
+
+@pytest.mark.gpu
+def test_refused_edge_edit_falls_back_to_stream_order(int4_llama, monkeypatch):
+    """Should the driver refuse an edge edit, that graph is dropped and the step recaptured in stream
+    order, with a warning naming the refusal; the tokens are those of the VM's decode."""
+    import compiler.cuda_graph
+
+    def refuse(graph, kernels):
+        raise RuntimeError("cuGraphAddDependencies_v2 failed with CUresult 1")
+
+    m = nibble.load(int4_llama[1])
+    monkeypatch.setattr(compiler.cuda_graph, "make_programmatic", refuse)
+    with pytest.warns(UserWarning, match="decode graph without programmatic edges: cuGraphAddDependencies_v2 "
+                                         "failed with CUresult 1"):
+        graphed = m.generate(PROMPT, max_new_tokens=16)
+    dec = next(iter(m._generator._decoders.values()))
+    assert dec.programmatic == 0 and dec.graph is not None
+    m._generator.graphs = False
+    np.testing.assert_array_equal(graphed.tokens, m.generate(PROMPT, max_new_tokens=16).tokens)
