@@ -348,6 +348,27 @@ def phase_nibble(args, res):
                         prefill_breakdown=False)
         finally:
             dispatch.ROUTES = routes
+    if args.compare_chains:  # the same model with q/k/v's RoPE and transposes as TVM's three kernels per layer
+        import compiler.fuse_qkv_rope as fq
+
+        keep, fq.fuse_qkv_rope = fq.fuse_qkv_rope, lambda mod, func_name=None: (mod, 0)  # prepare() reads it
+        try:
+            _nibble_run(args, onnx_path, Path(args.work, "model_chains.nibble"), res, "nibble_qkv_chains",
+                        prefill_breakdown=False)
+        finally:
+            fq.fuse_qkv_rope = keep
+        # the two CUDA-graph decodes again, alternating, so neither gets the GPU's better minutes
+        import nibble
+
+        arts = {"nibble": Path(args.work, "model.nibble"), "nibble_qkv_chains": Path(args.work, "model_chains.nibble")}
+        models = {k: nibble.load(a, device=DEV) for k, a in arts.items()}
+        ids = prompt_ids((TINY if args.tiny else LLAMA2_7B)["vocab_size"])
+        times = {k: [] for k in models}
+        for _ in range(2 * args.repeat + 1):
+            for k, m in models.items():
+                times[k].append(m.generate(ids, max_new_tokens=NEW).decode_ms_per_token)
+        res["ab_interleaved"] = {k: statistics.median(t[1:]) for k, t in times.items()}
+        log(f"alternating, decode ms/token: {res['ab_interleaved']}")
     if "hf_eager" in res:
         a, b = np.array(res["hf_eager"]["tokens"]), np.array(res["nibble"]["tokens"])
         res["nibble"]["tokens_equal_hf_fp16_prefix"] = int(np.argmin(np.append(a[0] == b[0], False)))
@@ -400,6 +421,8 @@ def main():
     ap.add_argument("--no-export", action="store_true", help="torch phase: leave the ONNX export to the nibble phase")
     ap.add_argument("--compare-fallback", action="store_true",
                     help="nibble phase: also build and time the model with dispatch.FALLBACK_ROUTES (CUDA-core GEMV)")
+    ap.add_argument("--compare-chains", action="store_true",
+                    help="nibble phase: also the model without compiler/fuse_qkv_rope.py, in the same run")
     ap.add_argument("--tiny", action="store_true", help="a small Llama config, on the CPU without a GPU")
     ap.add_argument("--work", default=str(ROOT / ".bench" / "llama7b-pos"), help="export + artifact folder")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

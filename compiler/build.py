@@ -67,13 +67,17 @@ def prepare(mod, spec: dict, tuning=None, log=print):
         from .dispatch import dispatch_small_m
         from .fuse_add_rmsnorm import fuse_add_rmsnorm
         from .fuse_attention import fuse_decode_attention
+        from .fuse_qkv_rope import fuse_qkv_rope
         from .fuse_rmsnorm import fuse_rmsnorm
 
         mod, norms = fuse_rmsnorm(mod)  # RMSNorm: one kernel instead of two
         mod, add_norms = fuse_add_rmsnorm(mod)  # and the residual add before it in the same kernel
         mod, fused = fuse_decode_attention(mod)  # decode attention: one kernel (schedules/attention.py)
+        mod, heads = fuse_qkv_rope(mod)  # q, k, v heads (RoPE, transposes): one kernel per projection
         if fused or norms:
             log(f"{fused} attention blocks fused for decode, {norms} RMSNorms made one op")
+        if heads:
+            log(f"{heads} q/k/v projections split into rotated heads by one kernel each")
         if add_norms:
             log(f"{add_norms} residual adds fused into the RMSNorm that follows")
         mod = dispatch_small_m(mod, arch=spec["arch"])  # int4 kernels: a copy per token bucket

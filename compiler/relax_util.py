@@ -85,15 +85,16 @@ class BindingRewriter(PyExprMutator):
         return value if is_op(value, name) else None
 
     def users_of(self) -> dict:
-        """var -> the vars of the recorded bindings whose call takes it as an argument (built once per
-        dataflow block)."""
+        """var -> the vars of the recorded bindings whose call takes it as an argument, or as a field of
+        a tuple argument (built once per dataflow block)."""
         if self._users is None:
             self._users = {}
             for var, value in self.bindings.items():
                 if isinstance(value, relax.Call):
-                    for arg in value.args:
-                        if isinstance(arg, relax.Var):
-                            self._users.setdefault(arg, []).append(var)
+                    for arg in value.args:  # a tuple argument's fields too (concat's inputs)
+                        for a in (arg.fields if isinstance(arg, relax.Tuple) else [arg]):
+                            if isinstance(a, relax.Var):
+                                self._users.setdefault(a, []).append(var)
         return self._users
 
     def rewrite(self, value):

@@ -66,9 +66,9 @@ def onnx_unsupported_op(path):
     onnx.save(model, str(path))
 
 
-def hf_llama_with_past(path, seed: int = 0, **config):
-    """transformers' Llama (a tiny config, random init; `config` overrides it) exported with past by
-    nibble.hf; returns the model."""
+def hf_llama_with_past(path, seed: int = 0, half: bool = False, **config):
+    """transformers' Llama (a tiny config, random init; `config` overrides it; fp16 weights with half)
+    exported with past by nibble.hf; returns the model."""
     import torch
     import transformers
 
@@ -80,6 +80,8 @@ def hf_llama_with_past(path, seed: int = 0, **config):
     for key, value in config.items():
         setattr(cfg, key, value)
     model = transformers.LlamaForCausalLM(cfg).eval()
+    if half:
+        model = model.to(torch.float16)
     export_causal_lm_with_past(model, path)
     return model
 
