@@ -41,6 +41,16 @@ PROMPT, NEW = 200, 20
 DEV = "cuda"
 
 
+# --compare NAME: (module, attribute, patch) that builds the model without one of our rewrites
+COMPARES = {
+    # q/k/v's RoPE and transposes as TVM's three kernels per layer, not compiler/fuse_qkv_rope.py's one
+    "qkv_chains": ("compiler.fuse_qkv_rope", "fuse_qkv_rope", lambda f: lambda mod, func_name=None: (mod, 0)),
+    # the decode attention loading the past K/V only after it waits (schedules/attention.py early_loads)
+    "late_kv": ("compiler.fuse_attention", "attention_func",
+                lambda f: lambda *a, **kw: f(*a, **{**kw, "early_loads": False})),
+}
+
+
 def log(*a):
     print(f"[{time.strftime('%H:%M:%S')}]", *a, flush=True)
 
@@ -348,19 +358,23 @@ def phase_nibble(args, res):
                         prefill_breakdown=False)
         finally:
             dispatch.ROUTES = routes
-    if args.compare_chains:  # the same model with q/k/v's RoPE and transposes as TVM's three kernels per layer
-        import compiler.fuse_qkv_rope as fq
+    if args.compare:  # the same model without one of our rewrites, built in the same run
+        import importlib
 
-        keep, fq.fuse_qkv_rope = fq.fuse_qkv_rope, lambda mod, func_name=None: (mod, 0)  # prepare() reads it
+        module, attr, patch = COMPARES[args.compare]
+        mod = importlib.import_module(module)
+        keep = getattr(mod, attr)
+        setattr(mod, attr, patch(keep))  # read at build time (prepare / the attention rewrite)
+        key = f"nibble_{args.compare}"
         try:
-            _nibble_run(args, onnx_path, Path(args.work, "model_chains.nibble"), res, "nibble_qkv_chains",
+            _nibble_run(args, onnx_path, Path(args.work, f"model_{args.compare}.nibble"), res, key,
                         prefill_breakdown=False)
         finally:
-            fq.fuse_qkv_rope = keep
+            setattr(mod, attr, keep)
         # the two CUDA-graph decodes again, alternating, so neither gets the GPU's better minutes
         import nibble
 
-        arts = {"nibble": Path(args.work, "model.nibble"), "nibble_qkv_chains": Path(args.work, "model_chains.nibble")}
+        arts = {"nibble": Path(args.work, "model.nibble"), key: Path(args.work, f"model_{args.compare}.nibble")}
         models = {k: nibble.load(a, device=DEV) for k, a in arts.items()}
         ids = prompt_ids((TINY if args.tiny else LLAMA2_7B)["vocab_size"])
         times = {k: [] for k in models}
@@ -421,8 +435,8 @@ def main():
     ap.add_argument("--no-export", action="store_true", help="torch phase: leave the ONNX export to the nibble phase")
     ap.add_argument("--compare-fallback", action="store_true",
                     help="nibble phase: also build and time the model with dispatch.FALLBACK_ROUTES (CUDA-core GEMV)")
-    ap.add_argument("--compare-chains", action="store_true",
-                    help="nibble phase: also the model without compiler/fuse_qkv_rope.py, in the same run")
+    ap.add_argument("--compare", choices=sorted(COMPARES),
+                    help="nibble phase: also the model without one rewrite (COMPARES), built and timed in the same run")
     ap.add_argument("--tiny", action="store_true", help="a small Llama config, on the CPU without a GPU")
     ap.add_argument("--work", default=str(ROOT / ".bench" / "llama7b-pos"), help="export + artifact folder")
     ap.add_argument("--out", default=str(ROOT / "benchmarks" / "results"))

@@ -26,7 +26,10 @@ where the private Relax function (as compiler/dispatch.py does for the int4 kern
 Where K and V are concat((past, new)) along the cache axis and nothing else reads the concat (in
 main_new_kv, compiler/new_kv_entry.py, whose present outputs are only `new`), the call takes
 (q, K past, K new, V past, V new, bias) and the kernel reads the two in place (schedules/attention.py,
-two_source): the concat, which copied the whole cache every decode step, is then dead code.
+two_source): the concat, which copied the whole cache every decode step, is then dead code. Where the
+past K and V are the entry's parameters (no kernel of the call writes them), the kernel issues its first
+K/V loads before it waits for the kernel before it (early_loads; in a decode graph with programmatic
+edges they overlap that kernel's run).
 
 When the attention's output only goes back to token order (reshapes, permute_dims [0, 2, 1, 3],
 at most one astype: how exporters feed o_proj), the kernel writes [b, s, h, d] in the final dtype and
@@ -177,12 +180,16 @@ class _Fuse(BindingRewriter):
     # -- the functions a match calls ------------------------------------------------------------
     def _dispatch(self, m):
         two, layout = m["two"] is not None, m["layout"]
+        # the cached K and V are the entry's inputs (main_new_kv's past): no kernel of the call writes
+        # them, so the kernel may load them before it waits for the kernel before it (template.GRID_WAIT)
+        early = two and all(any(x.same_as(p) for p in self.params) for x in (m["two"][0][0], m["two"][1][0]))
         key = (m["heads"], m["head_dim"], m["scale"], m["bias_dims"], m["nan_guard"], m["s_cast"], m["v_cast"],
-               tuple(sorted(m["dtypes"].items())), two, layout)
+               tuple(sorted(m["dtypes"].items())), two, layout, early)
         if key in self.funcs:
             return self.funcs[key]
         args = (m["heads"], m["head_dim"], m["scale"], m["dtypes"], m["bias_dims"])
-        kernel, split = (attention_func(*args, cfg, two_source=two, out_layout=layout) for cfg in (DEFAULT, SPLIT))
+        kernel, split = (attention_func(*args, cfg, two_source=two, out_layout=layout, early_loads=early)
+                         for cfg in (DEFAULT, SPLIT))
         if kernel is None or split is None:
             self.funcs[key] = None
             return None

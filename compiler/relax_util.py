@@ -49,13 +49,15 @@ def use_counts(func) -> dict:
 def rewrite_main(mod: tvm.IRModule, rewriter, func_name: str | None = None) -> tvm.IRModule:
     """mod with mod[func_name]'s body (default: every entry function's) visited by `rewriter` (a
     PyExprMutator over mod whose builder holds any functions it added, counting its rewrites in
-    `.count`, seeing the visited function's var use counts in `.uses`); dead code dropped if it
+    `.count`, seeing the visited function's var use counts in `.uses` and its parameters in `.params`);
+    dead code dropped if it
     rewrote any."""
     names = [func_name] if func_name else entry_names(mod)
     bodies = {}
     for name in names:
         func = mod[name]
         rewriter.uses = use_counts(func)
+        rewriter.params = list(func.params)
         bodies[name] = (func, rewriter.visit_expr(func.body))
     out = rewriter.builder_.get()
     for name, (func, body) in bodies.items():
@@ -74,6 +76,7 @@ class BindingRewriter(PyExprMutator):
         super().__init__(mod)
         self.bindings: dict = {}
         self.uses: dict = {}  # var -> uses in the function being visited (set by rewrite_main)
+        self.params: list = []  # that function's parameters (set by rewrite_main)
         self.current = None  # the var of the binding rewrite() is looking at
         self.pending: dict = {}  # a later binding's var -> the value it gets instead (a rewrite with two outputs)
         self.count = 0  # bindings rewritten

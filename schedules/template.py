@@ -18,7 +18,8 @@ ROWS_ATTR = "nibble.rows"  # = compiler.dispatch.ROWS_ATTR: the token bucket R a
 # programmatic (compiler/cuda_graph.py), the kernel's blocks may start while the kernel before it still
 # runs, and `griddepcontrol.wait` blocks until that kernel has finished with its writes visible. So a
 # kernel calls it before its first read of anything an earlier kernel writes, and before its first
-# write: what comes before may read only constants (a GEMV's weights, which it thus fetches while the
+# write: what comes before may read only what no kernel of the same call writes, the weights and the
+# entry's inputs (a GEMV's weights, a decode step's past K and V, which it thus fetches while the
 # previous kernel runs). Launched any other way (the VM, no graph, older GPUs) the wait returns at once.
 GRID_WAIT_SRC = r"""
 __forceinline__ __device__ void nb_grid_wait() {

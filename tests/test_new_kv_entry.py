@@ -51,6 +51,33 @@ def test_entry_cuts_present_outputs_and_the_concats_go(tmp_path):
     assert "relax.permute_dims" not in entry and "relax.permute_dims" not in main
 
 
+def test_past_kv_loads_go_before_the_wait(tmp_path):
+    """main_new_kv's two-source kernel reads the past K and V, the entry's inputs, before it waits for
+    the previous kernel (early_loads); main's one-source kernel reads K = concat(past, new), which a
+    kernel of the same call writes, only after the wait."""
+    import re
+
+    from compiler.fuse_attention import fuse_decode_attention
+    from compiler.new_kv_entry import add_new_kv_entry
+    from frontends import import_model
+
+    models.onnx_sdpa_cache(tmp_path / "c.onnx")
+    mod, _ = add_new_kv_entry(import_model(tmp_path / "c.onnx").mod)
+    mod, count = fuse_decode_attention(mod)
+    assert count == 2
+    kernels = {gv.name_hint: f.script() for gv, f in mod.functions_items()
+               if gv.name_hint.startswith("attention_") and "dispatch" not in gv.name_hint
+               and "reference" not in gv.name_hint}
+    assert any("_kv2" in n for n in kernels) and any("_kv2" not in n for n in kernels)
+    for name, src in kernels.items():
+        before = src[:src.index("nb_grid_wait")]
+        if "_kv2" in name:
+            assert re.search(r"\bkp\[", before) and re.search(r"\bvp\[", before), name
+            assert not re.search(r"\b(kn|vn|q|bias)\[", before), name  # this step's tensors: after the wait
+        else:
+            assert not re.search(r"\b(k|v|q|bias)\[", before), name
+
+
 def test_model_without_present_gets_no_entry(tmp_path):
     from compiler.new_kv_entry import add_new_kv_entry
     from frontends import import_model
