@@ -52,8 +52,9 @@ class _Fuse(BindingRewriter):
 
     # -- matching ---------------------------------------------------------------------------------
     def _slice(self, x):
-        """x [b, s, H, d] back to strided_slice(M, columns [a, a + H d)) of a 2-D M [b s, N] through
-        single-use reshapes and at most one astype: (M, a) or None."""
+        """x [b, s, H, d] back to strided_slice(M, columns [a, e)) of a 2-D M [b s, N] through
+        single-use reshapes (row-major: element (i, j, h, t) is M[i s + j, a + h d + t]) and at most one
+        astype: (M, a, e) or None."""
         cast = False
         cur = x
         while True:
