@@ -27,7 +27,7 @@ from tvm.relax.expr_functor import mutator
 from schedules.add_rmsnorm import ADD_RMSNORM, add_rmsnorm_func
 
 from .dispatch import KERNEL_ATTR
-from .relax_util import BindingRewriter, is_op, rewrite_main
+from .relax_util import BindingRewriter, is_op, rewrite_main, same
 
 
 def _last_dim(expr) -> int | None:
@@ -75,7 +75,6 @@ class _Fuse(BindingRewriter):
         a_ty, b_ty = (x.ty for x in add.args)
         if not all(isinstance(t, relax.TensorType) and t.shape is not None for t in (a_ty, b_ty)):
             return None
-        same = tvm.sym.Analyzer().can_prove_equal
         if len(a_ty.shape.values) != len(b_ty.shape.values) or not all(
                 same(x, y) for x, y in zip(a_ty.shape.values, b_ty.shape.values)):
             return None  # broadcasting adds are not residual adds

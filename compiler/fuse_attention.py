@@ -48,15 +48,11 @@ from tvm.relax.expr_functor import mutator
 from schedules.attention import ATTENTION, DEFAULT, SPLIT, SPLIT_FROM, attention_func
 
 from .dispatch import KERNEL_ATTR
-from .relax_util import BindingRewriter, is_op, rewrite_main, scalar
+from .relax_util import BindingRewriter, is_op, rewrite_main, same, scalar
 
 DECODE_ROWS = 16  # query rows (tokens per sequence) up to which the fused kernel runs
 
 
-
-
-def _same(a, b) -> bool:
-    return tvm.sym.Analyzer().can_prove_equal(a, b)
 
 
 @mutator
@@ -134,17 +130,17 @@ class _Fuse(BindingRewriter):
         (b, h, s, d), (kb, kh, n, kd), v_shape, bias_shape = (list(t.shape.values) for t in tys)
         if not all(isinstance(x, tirx.IntImm) for x in (h, d, kh, kd)) or int(h) != int(kh) or int(d) != int(kd):
             return False
-        if not (_same(b, kb) and all(_same(x, y) for x, y in zip([kb, kh, n, kd], v_shape))):
+        if not (same(b, kb) and all(same(x, y) for x, y in zip([kb, kh, n, kd], v_shape))):
             return False
         dims = []
         for x, name, full in zip(bias_shape[:3], ("b", "h", "s"), (b, h, s)):
             if isinstance(x, tirx.IntImm) and int(x) == 1 and not (isinstance(full, tirx.IntImm) and int(full) == 1):
                 dims.append(1)
-            elif _same(x, full):
+            elif same(x, full):
                 dims.append(name)
             else:
                 return False
-        if not _same(bias_shape[3], n):
+        if not same(bias_shape[3], n):
             return False
         m["bias_dims"], m["heads"], m["head_dim"] = tuple(dims), int(h), int(d)
         m["dtypes"] = {"q": str(tys[0].dtype), "kv": str(tys[1].dtype), "bias": str(tys[3].dtype),
@@ -157,7 +153,6 @@ class _Fuse(BindingRewriter):
         reshapes, with at most one astype anywhere. Returns (the chain's last var, its dtype) if the
         permute is there (the kernel then writes [b, s, h, d] in that dtype), else None."""
         users = self.users_of()
-        same = tvm.sym.Analyzer().can_prove_equal
         shape = list(m["out"].shape.values)
         cur, dtype, permuted, cast = o, str(m["out"].dtype), False, False
         while self.uses.get(cur) == 1 and len(users.get(cur, [])) == 1:

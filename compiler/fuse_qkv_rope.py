@@ -27,7 +27,7 @@ from tvm.relax.expr_functor import mutator
 from schedules.qkv_rope import QKV_ROPE, qkv_rope_func
 
 from .dispatch import KERNEL_ATTR
-from .relax_util import BindingRewriter, is_op, rewrite_main, scalar
+from .relax_util import BindingRewriter, is_op, rewrite_main, same, scalar
 
 
 def _static(values) -> bool:
@@ -85,15 +85,15 @@ class _Fuse(BindingRewriter):
                 and [int(a) for a in value.attrs.axes] == [0, 2, 1, 3]):
             return None
         ty = x.ty
-        if not (isinstance(ty, relax.TensorType) and ty.shape is not None and ty.ndim == 4
-                and _static(ty.shape.values[1:2] + ty.shape.values[3:])):
+        if not (isinstance(ty, relax.TensorType) and ty.shape is not None and ty.ndim == 4):
             return None
         b, h, s, d = ty.shape.values
+        if not _static([h, d]):
+            return None
         found = self._slice(value.args[0])
         if found is None:
             return None
         m, lo, hi = found
-        same = tvm.sym.Analyzer().can_prove_equal
         if hi - lo != int(h) * int(d) or lo < 0 or hi > int(m.ty.shape.values[1]) \
                 or not same(m.ty.shape.values[0], b * s):
             return None
@@ -169,19 +169,18 @@ class _Fuse(BindingRewriter):
                 and str(ty.dtype) == p["dtype"]):
             return False
         cb, one, s, d = ty.shape.values
-        same = tvm.sym.Analyzer().can_prove_equal
         return (isinstance(one, tirx.IntImm) and int(one) == 1 and isinstance(d, tirx.IntImm) and int(d) == p["d"]
                 and same(s, p["s"]) and ((isinstance(cb, tirx.IntImm) and int(cb) == 1) or same(cb, p["b"])))
 
-    def _plan(self, order: dict):
+    def plan_block(self, block):
         """Group this block's pieces by projection; keep the groups worth one kernel."""
+        order = {b.var: i for i, b in enumerate(block.bindings)}
         by_m: dict = {}
         for var in order:
             p = self._piece(var)
             if p is not None:
                 self._rope(p)
                 by_m.setdefault(p["m"], []).append(p)
-        same = tvm.sym.Analyzer().can_prove_equal
         for m, pieces in by_m.items():
             ropes = [p for p in pieces if p["rope"]]
             if not ropes or len(pieces) < 2:
@@ -197,13 +196,6 @@ class _Fuse(BindingRewriter):
             if any(order.get(i, -1) >= order[at] for i in inputs if isinstance(i, relax.Var)):
                 continue  # an input bound after that point: leave the chains
             self.groups[at] = dict(m=m, cos=first["cos"], sin=first["sin"], pieces=pieces)
-
-    def visit_dataflow_block_(self, block):
-        for b in block.bindings:
-            self.bindings[b.var] = b.value
-        self._users = None
-        self._plan({b.var: i for i, b in enumerate(block.bindings)})
-        return super().visit_dataflow_block_(block)
 
     # -- rewriting --------------------------------------------------------------------------------
     def _kernel(self, g):

@@ -19,6 +19,11 @@ def scalar(expr) -> float | None:
     return None
 
 
+def same(a, b) -> bool:
+    """Two shape values (ints or symbolic expressions) are provably equal."""
+    return tvm.sym.Analyzer().can_prove_equal(a, b)
+
+
 def emit_like(builder, var, value):
     """Bind value to a new var named like `var`. Where `var` was a dataflow block's output (a plain Var
     in a dataflow block), the new one is emitted as an output too: emitted as a local DataflowVar it
@@ -103,10 +108,15 @@ class BindingRewriter(PyExprMutator):
     def rewrite(self, value):
         raise NotImplementedError
 
+    def plan_block(self, block):
+        """Called once per dataflow block, its bindings recorded, before any of them is visited: a
+        subclass that decides over the whole block (which bindings to rewrite together) does it here."""
+
     def visit_dataflow_block_(self, block):
         for b in block.bindings:
             self.bindings[b.var] = b.value
         self._users = None
+        self.plan_block(block)
         return super().visit_dataflow_block_(block)
 
     def visit_var_binding_(self, binding):

@@ -182,10 +182,11 @@ $LOADS
 # the previous one (its K and V are the entry's inputs, which no kernel of the call writes), and the
 # loop issues its own loads from iteration 1 on.
 _LOADS = Template('''
-if $J < $HI:
+key = T.meta_var($LO + $G * T.int64($KB) + T.Cast("int64", ty * 32 + tx))  # this lane's key
+if key < $HI:
     for c in T.unroll($D // $VK):
         for e in T.vectorized($VK):
-            kr[c * $VK + e] = $KBUF[bi, hi, $J - $OFF, c * $VK + e]
+            kr[c * $VK + e] = $KBUF[bi, hi, key - $OFF, c * $VK + e]
 for r in T.unroll(32):
     for e in T.vectorized($DL):
         vr[r, e] = $VBUF[bi, hi, T.min($LO + $G * T.int64($KB) + T.Cast("int64", ty * 32 + r),
@@ -272,7 +273,7 @@ def attention_func(heads: int, head_dim: int, scale: float, dtypes: dict, bias_d
     loops = _TWO_LOOPS if two_source else _ONE_LOOPS
     walks = []
     for i, loop in enumerate(loops):
-        body = _LOADS.substitute(fields, **loop, J="j", G="g")
+        body = _LOADS.substitute(fields, **loop, G="g")
         if early_loads and i == 0:  # iteration 0's loads were issued before the wait (PRELOAD)
             body = "if g > T.int64(0):\n" + indent(body, 4)
         walks.append(_LOOP.substitute(fields, **loop, LOADS=indent(body, 24)))
@@ -280,9 +281,8 @@ def attention_func(heads: int, head_dim: int, scale: float, dtypes: dict, bias_d
     first = loops[0]
     kv["PRELOAD"] = ""
     if early_loads:
-        j0 = f'({first["LO"]} + T.Cast("int64", ty * 32 + tx))'
         kv["PRELOAD"] = indent(f'if {first["HI"]} > {first["LO"]}:\n' + indent(
-            _LOADS.substitute(fields, **first, J=j0, G="T.int64(0)"), 4), 20)
+            _LOADS.substitute(fields, **first, G="T.int64(0)"), 4), 20)
     src = _KERNEL.substitute(fields, **kv, WORKSPACE=fill(_WORKSPACE if split else ""),
                              STORE=fill(_STORE_PART if split else _STORE_ROW), COMBINE=fill(_COMBINE if split else ""))
     return tvm.script.from_source(src)
