@@ -48,6 +48,8 @@ COMPARES = {
     # the decode attention loading the past K/V only after it waits (schedules/attention.py early_loads)
     "late_kv": ("compiler.fuse_attention", "attention_func",
                 lambda f: lambda *a, **kw: f(*a, **{**kw, "early_loads": False})),
+    # the SwiGLU as TVM's kernel after the gate/up GEMV, not written by it (compiler/fuse_swiglu.py)
+    "swiglu_chain": ("compiler.fuse_swiglu", "fuse_swiglu", lambda f: lambda mod, arch, func_name=None: (mod, 0)),
 }
 
 

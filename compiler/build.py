@@ -69,6 +69,7 @@ def prepare(mod, spec: dict, tuning=None, log=print):
         from .fuse_attention import fuse_decode_attention
         from .fuse_qkv_rope import fuse_qkv_rope
         from .fuse_rmsnorm import fuse_rmsnorm
+        from .fuse_swiglu import fuse_swiglu
 
         mod, norms = fuse_rmsnorm(mod)  # RMSNorm: one kernel instead of two
         mod, add_norms = fuse_add_rmsnorm(mod)  # and the residual add before it in the same kernel
@@ -80,6 +81,9 @@ def prepare(mod, spec: dict, tuning=None, log=print):
             log(f"{heads} q/k/v projections split into rotated heads by one kernel each")
         if add_norms:
             log(f"{add_norms} residual adds fused into the RMSNorm that follows")
+        mod, swiglus = fuse_swiglu(mod, spec["arch"])  # SwiGLU: written by its gate/up projection's GEMV
+        if swiglus:
+            log(f"{swiglus} SwiGLUs computed by their gate/up projection's decode GEMV")
         mod = dispatch_small_m(mod, arch=spec["arch"])  # int4 kernels: a copy per token bucket
     mod, applied = apply_records(mod, spec, tuning, log)
     return mod, {t.key: applied.get(t.key) for t in extract_tasks(mod, spec)}

@@ -7,6 +7,8 @@ It is built with TE and has three blocks, the shape dlight's and our rules expec
   "dequantize"  W[N, K] fp16 from the packed weight (a schedule inlines it: dequantize in registers)
   "matmul"      the fp32-accumulating reduction over K
   "epilogue"    + bias, round to fp16 (the A16 in W4A16), cast to the model's dtype
+and, swiglu (a merged gate/up projection whose only reader is SwiGLU; compiler/fuse_swiglu.py), a fourth:
+  "swiglu"      Y[m, f] = silu(Y[m, f]) * Y[m, N/2 + f] in the fp16 ops of the exported graph, f < N/2
 The token dim M is one symbolic int64 var, so one PrimFunc serves every batch/sequence length; the
 Relax pass flattens leading dims into M. The func carries attrs (N, K, group size, ...) under
 "nibble.int4" so schedules, the tuner and `inspect` can find it without pattern matching.
@@ -23,15 +25,23 @@ from .quantize import QuantConfig
 ATTR = "nibble.int4"  # PrimFunc attribute marking our kernels; its value is the dict from spec()
 
 
-def kernel_name(n: int, k: int, cfg: QuantConfig, x_dtype: str, has_bias: bool) -> str:
+def kernel_name(n: int, k: int, cfg: QuantConfig, x_dtype: str, has_bias: bool, swiglu: bool = False) -> str:
     g = "pc" if cfg.group_size == -1 else f"g{cfg.group_size}"
     return (f"int4_matmul_n{n}_k{k}_{g}{'' if cfg.symmetric else '_asym'}"
-            f"_{x_dtype}{'_bias' if has_bias else ''}")
+            f"_{x_dtype}{'_bias' if has_bias else ''}{'_swiglu' if swiglu else ''}")
+
+
+def silu_times(g, u):
+    """silu(g) * u as the exported graph computes it in fp16, (g * (1 / (1 + exp(0 - g)))) * u (ONNX's
+    Sigmoid and Mul, legalized by TVM), so that a kernel computing it gives the graph's bits."""
+    one, zero = tirx.const(1, g.dtype), tirx.const(0, g.dtype)
+    return g * (one / (one + tirx.exp(zero - g))) * u
 
 
 def int4_matmul_func(n: int, k: int, cfg: QuantConfig, x_dtype: str = "float16",
-                     has_bias: bool = False) -> tvm.tirx.PrimFunc:
-    """The PrimFunc (x[m, K] x_dtype, qweight, scales[, zeros][, bias]) -> y[m, N] x_dtype."""
+                     has_bias: bool = False, swiglu: bool = False) -> tvm.tirx.PrimFunc:
+    """The PrimFunc (x[m, K] x_dtype, qweight, scales[, zeros][, bias]) -> y[m, N] x_dtype, or with
+    swiglu -> y[m, N / 2] = silu(first half of the N outputs) * second half."""
     g = cfg.group(k)
     m = tirx.Var("m", "int64")
     i64 = lambda v: tirx.IntImm("int64", v)  # one index dtype everywhere: dlight's reindex needs it
@@ -62,10 +72,17 @@ def int4_matmul_func(n: int, k: int, cfg: QuantConfig, x_dtype: str = "float16",
         return v.astype("float16").astype(x_dtype)
 
     y = te.compute((m, n_), epilogue, name="epilogue")
+    if swiglu:
+        f = i64(n // 2)
+        y = te.compute((m, f), lambda i, j: silu_times(y[i, j], y[i, j + f]), name="swiglu")
     args = [x, qweight, scales] + ([zeros] if zeros is not None else []) + ([bias] if bias is not None else []) + [y]
     func = te.create_prim_func(args)
-    return func.with_attr({
-        "global_symbol": kernel_name(n, k, cfg, x_dtype, has_bias),
-        ATTR: {"n": n, "k": k, "group_size": g, "symmetric": cfg.symmetric, "has_bias": has_bias,
-               "x_dtype": x_dtype},
-    })
+    spec = {"n": n, "k": k, "group_size": g, "symmetric": cfg.symmetric, "has_bias": has_bias, "x_dtype": x_dtype}
+    if swiglu:
+        spec["swiglu"] = True  # absent otherwise: read it with is_swiglu(spec)
+    return func.with_attr({"global_symbol": kernel_name(n, k, cfg, x_dtype, has_bias, swiglu), ATTR: spec})
+
+
+def is_swiglu(spec) -> bool:
+    """Whether an int4 spec (the ATTR dict) computes SwiGLU of its two output halves."""
+    return "swiglu" in spec and bool(spec["swiglu"])

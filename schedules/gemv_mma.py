@@ -33,6 +33,10 @@ and reads x in that order:
     (q - z) * s to fp16), and closer to the fp32 reference.
 The first pipeline stage's weight loads go out before the kernel waits for the previous kernel
 (template.GRID_WAIT): in a CUDA graph with programmatic edges they overlap that kernel's run.
+SwiGLU copies (spec "swiglu", compiler/fuse_swiglu.py: y = silu(first N/2 outputs) * the other N/2) read
+rows r of a tile from the gate half of W and rows r + 8 from the up half (_row), so a block's sums hold
+both rows of each of its outputs; the store rounds both to fp16 as the plain copy would and applies the
+graph's fp16 SwiGLU: the unfused kernels' bits, one kernel fewer per Llama layer.
 Warps of a block split the chunks of one 16-row tile (x fragments are reused over ROW_TILES tiles per
 warp) and sum their fragments through shared memory at the end; blockIdx.y walks 8 * TT token tiles.
 Knobs in Config (per-arch defaults by N and token tiles in ArchConfig), searched by `nibble tune` (SPACE).
@@ -180,7 +184,7 @@ for u in T.unroll($U):
             for h in T.unroll(2):
                 q = T.meta_var((($BUF * $U + u) * $RT + rt) * 2 + h)
 $WLOAD
-                sc[q] = scales[bx * $RB + rt * 16 + h * 8 + r, c * $CHUNK // $G]
+                sc[q] = scales[$ROW, c * $CHUNK // $G]
                 zc[q] = $ZERO
 ''')
 _MATH = Template('''
@@ -199,13 +203,13 @@ for u in T.unroll($U):
                 $TT, sc[q], sc[q + 1], zc[q], zc[q + 1], source_code=$HELPERS))
 ''')
 
-# One lane's 16 bytes of W (the 4 words of row bx * RB + rt * 16 + h * 8 + r at chunk c): TVM's vector
-# load, or (Config.loads) inline PTX with cache qualifiers. $-fields RB, KW (words per row), LDNAME and
-# LDSRC (the helper's name and source).
+# One lane's 16 bytes of W (the 4 words of row ROW at chunk c): TVM's vector load, or (Config.loads)
+# inline PTX with cache qualifiers. $-fields ROW, KW (words per row), LDNAME and LDSRC (the helper's name
+# and source).
 _WLOAD = '''                for v in T.vectorized(4):
-                    wv[q * 4 + v] = qweight[bx * $RB + rt * 16 + h * 8 + r, c * 16 + t * 4 + v]'''
+                    wv[q * 4 + v] = qweight[$ROW, c * 16 + t * 4 + v]'''
 _WLOAD_PTX = '''                T.evaluate(T.cuda.func_call("$LDNAME", wv.access_ptr("w", offset=q * 4), qweight.access_ptr(
-                    "r", offset=(bx * $RB + rt * 16 + h * 8 + r) * $KW + c * 16 + t * 4), source_code=$LDSRC))'''
+                    "r", offset=($ROW) * $KW + c * 16 + t * 4), source_code=$LDSRC))'''
 _LD_HELPER = """
 __forceinline__ __device__ void {name}(unsigned* d, const unsigned* s) {{
   asm("ld.global.{q}.v4.u32 {{%0, %1, %2, %3}}, [%4];" : "=r"(d[0]), "=r"(d[1]), "=r"(d[2]), "=r"(d[3]) : "l"(s));
@@ -213,12 +217,12 @@ __forceinline__ __device__ void {name}(unsigned* d, const unsigned* s) {{
 """
 
 
-def _weight_load(loads: str, rb: int, kw: int) -> str:
+def _weight_load(loads: str, row: str, kw: int) -> str:
     """The TVMScript of one lane's weight load (_WLOAD or, with `loads`, _WLOAD_PTX and its helper)."""
     if not loads:
-        return Template(_WLOAD).substitute(RB=rb)
+        return Template(_WLOAD).substitute(ROW=row)
     name = "nb_ld_" + "".join(ch if ch.isalnum() else "_" for ch in loads)
-    return Template(_WLOAD_PTX).substitute(RB=rb, KW=kw, LDNAME=name,
+    return Template(_WLOAD_PTX).substitute(ROW=row, KW=kw, LDNAME=name,
                                            LDSRC=repr(_LD_HELPER.format(name=name, q=loads)))
 
 
@@ -248,17 +252,50 @@ $PIPELINE
                         for i in T.unroll(4):
                             red[warp * $OUT + (rt * 16 + r + i // 2 * 8) * $TOK + j * 8 + t * 2 + i % 2] = acc[rt * 8 + j * 4 + i]
                 T.tvm_storage_sync("shared")
-                # out index o = token * RB + row: consecutive threads store consecutive features
-                for e in T.unroll($OPT):
-                    o = T.meta_var(tx + e * $W * 32)
-                    if o < $OUT:
-                        tok = T.meta_var(by * $TOK + T.Cast("int64", o // $RB))
-                        if tok < m:
-                            s[0] = T.float32(0)
-                            for w in T.unroll($W):
-                                s[0] = s[0] + red[w * $OUT + o % $RB * $TOK + o // $RB]
-                            y[tok, bx * $RB + o % $RB] = T.Cast("float16", $VAL)
-''')
+$STORE''')
+# out index o = token * RB + row: consecutive threads store consecutive features
+_STORE = '''
+for e in T.unroll($OPT):
+    o = T.meta_var(tx + e * $W * 32)
+    if o < $OUT:
+        tok = T.meta_var(by * $TOK + T.Cast("int64", o // $RB))
+        if tok < m:
+            s[0] = T.float32(0)
+            for w in T.unroll($W):
+                s[0] = s[0] + red[w * $OUT + o % $RB * $TOK + o // $RB]
+            y[tok, bx * $RB + o % $RB] = T.Cast("float16", $VAL)'''
+# swiglu: out index o = token * RB / 2 + f; output f of the block is silu(gate row) * up row, the rows
+# (f // 8) * 16 + f % 8 and that + 8 of the block (see _swiglu_row), each summed over the warps and
+# rounded to fp16 exactly as _STORE does, then combined in the graph's fp16 ops
+# (compiler.int4_kernel.silu_times): the bits of the unfused kernel followed by the graph's SwiGLU
+_STORE_SWIGLU = '''
+sg = T.alloc_buffer((2,), "float32", scope="local")
+gh = T.alloc_buffer((2,), "float16", scope="local")
+for e in T.unroll($OPT):
+    o = T.meta_var(tx + e * $W * 32)
+    if o < $OUT // 2:
+        tok = T.meta_var(by * $TOK + T.Cast("int64", o // ($RB // 2)))
+        gate = T.meta_var(o % ($RB // 2) // 8 * 16 + o % 8)
+        if tok < m:
+            sg[0] = T.float32(0)
+            sg[1] = T.float32(0)
+            for w in T.unroll($W):
+                sg[0] = sg[0] + red[w * $OUT + gate * $TOK + o // ($RB // 2)]
+                sg[1] = sg[1] + red[w * $OUT + (gate + 8) * $TOK + o // ($RB // 2)]
+            gh[0] = T.Cast("float16", sg[0])
+            gh[1] = T.Cast("float16", sg[1])
+            y[tok, bx * ($RB // 2) + o % ($RB // 2)] = gh[0] * (T.float16(1) / (T.float16(1) + T.exp(
+                T.float16(0) - gh[0]))) * gh[1]'''
+
+
+def _row(n: int, rt: int, swiglu: bool) -> str:
+    """The row of W that lane row r of half h (rows r / r + 8 of the mma tile) of row tile rt of block bx
+    reads. SwiGLU: row r of the block's 8-row gate slice (h = 0, W's rows [0, N/2)) or of the up slice
+    (h = 1, N/2 + the same): one 16-row tile holds the gate and up rows of 8 outputs, so the block's
+    partial sums pair them with no weight re-layout."""
+    if swiglu:
+        return f"h * {n // 2} + bx * {8 * rt} + rt * 8 + r"
+    return f"bx * {16 * rt} + rt * 16 + h * 8 + r"
 
 
 def gemv_mma_func(attrs: dict, rows: int, cfg: Config):
@@ -270,17 +307,22 @@ def gemv_mma_func(attrs: dict, rows: int, cfg: Config):
         rt //= 2
     if not takes(attrs, "sm_80") or rows > 16 or n % (16 * rt) or cfg.warps < 1 or cfg.chunks < 1:
         return None
+    swiglu = "swiglu" in attrs and bool(attrs["swiglu"])  # = compiler.int4_kernel.is_swiglu
+    if swiglu and (bias or not sym):
+        return None  # not built: Llama's gate/up projections have neither
     tt = 1 if rows <= 8 else 2
     tok, rb, c = 8 * tt, 16 * rt, k // CHUNK
     out = rb * tok
-    zero = "T.float16(8)" if sym else f"zeros[bx * {rb} + rt * 16 + h * 8 + r, c * {CHUNK} // {g}]"
+    row = _row(n, rt, swiglu)
+    zero = "T.float16(8)" if sym else f"zeros[{row}, c * {CHUNK} // {g}]"
     val = f'T.Cast("float32", bias[bx * {rb} + o % {rb}]) + s[0]' if bias else "s[0]"
     fields = dict(
         K=k, G=g, C=c, CHUNK=CHUNK, TT=tt, TOK=tok, W=cfg.warps, RT=rt,
         U=cfg.chunks, ITERS=math.ceil(c / (cfg.chunks * cfg.warps)), RB=rb, NBLK=n // rb, OUT=out,
-        OPT=math.ceil(out / (32 * cfg.warps)), SIGNATURE=signature("gemv_mma", attrs), ZERO=zero, VAL=val,
-        HELPERS=repr(_HELPERS))
-    fields["WLOAD"] = _weight_load(cfg.loads, rb, k // 8)
+        OPT=math.ceil(out // (2 if swiglu else 1) / (32 * cfg.warps)), ROW=row, ZERO=zero, VAL=val,
+        SIGNATURE=signature("gemv_mma", attrs, n // 2 if swiglu else n), HELPERS=repr(_HELPERS))
+    fields["WLOAD"] = _weight_load(cfg.loads, row, k // 8)
+    fields["STORE"] = indent(Template(_STORE_SWIGLU if swiglu else _STORE).substitute(fields), 16)
     stages = []
     for it in range(fields["ITERS"] + 1):  # see _LOAD / _MATH
         if it < fields["ITERS"]:
@@ -300,6 +342,7 @@ class GEMVMMA(TemplateRule):
     """dlight-style rule: the "mma"-tagged copies of our int4 kernel -> the tensor-core GEMV above."""
 
     kind = "mma"
+    swiglu = True
 
     def __init__(self, config: Config | None = None):
         self.config = config  # replaces the per-arch default of every copy (benchmarks, tests)

@@ -38,10 +38,11 @@ def indent(text: str, n: int) -> str:
     return "\n".join(" " * n + line if line.strip() else line for line in text.strip("\n").split("\n"))
 
 
-def signature(name: str, attrs: dict) -> str:
+def signature(name: str, attrs: dict, n_out: int | None = None) -> str:
     """The TVMScript head every template kernel shares, for one int4 spec (the "nibble.int4" attr): the
     int4 PrimFunc's parameters (x, qweight, scales[, zeros][, bias], y; compiler/int4_kernel.py), its
-    symbolic token count m, and x and y bound to m. The kernel's body follows, indented 4 spaces."""
+    symbolic token count m, and x and y bound to m (y: n_out features, default N). The kernel's body
+    follows, indented 4 spaces."""
     n, k, g, xd = int(attrs["n"]), int(attrs["k"]), int(attrs["group_size"]), str(attrs["x_dtype"])
     extra = ""
     if not attrs["symmetric"]:
@@ -55,7 +56,7 @@ def signature(name: str, attrs: dict) -> str:
         '    T.func_attr({"tirx.noalias": True})',
         "    m = T.int64()",
         f'    x = T.match_buffer(x_h, (m, T.int64({k})), "{xd}")',
-        f'    y = T.match_buffer(y_h, (m, T.int64({n})), "{xd}")'])
+        f'    y = T.match_buffer(y_h, (m, T.int64({n_out or n})), "{xd}")'])
 
 
 # The split-K reduction: one thread per 4 outputs, the S fp32 partials summed in slice order (all S
@@ -91,6 +92,7 @@ def split_k_reduce(n: int, split: int, bias: bool) -> tuple[str, str]:
 
 class TemplateRule(ScheduleRule):
     kind = ""  # the "nibble.kernel" tag this rule takes
+    swiglu = False  # whether build() takes SwiGLU specs (compiler/fuse_swiglu.py: y is half of N wide)
 
     def build(self, func, attrs, target):
         """The replacement PrimFunc for `func`, or None to decline."""
@@ -103,6 +105,8 @@ class TemplateRule(ScheduleRule):
         if attrs is None or ATTR not in attrs or KERNEL_ATTR not in attrs:
             return None
         if str(attrs[KERNEL_ATTR]) != self.kind or target.kind.name != "cuda":
+            return None
+        if "swiglu" in attrs[ATTR] and bool(attrs[ATTR]["swiglu"]) and not self.swiglu:
             return None
         kernel = self.build(func, attrs, target)
         if kernel is None:

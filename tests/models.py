@@ -86,6 +86,58 @@ def hf_llama_with_past(path, seed: int = 0, half: bool = False, **config):
     return model
 
 
+def prepared_for_sm90(path):
+    """The exported model as build_module sees it for sm_90: int4 linears (merged where they share an
+    input), the main_new_kv entry, and prepare()'s rewrites."""
+    import tvm
+
+    from compiler.build import BuildOptions, prepare, quantize
+    from compiler.new_kv_entry import add_new_kv_entry
+    from compiler.target import resolve
+    from frontends import import_model
+
+    imp = import_model(str(path))
+    mod, _, _ = quantize(imp.mod, imp.params, BuildOptions(target="cuda"), lambda *a: None)
+    mod, _ = add_new_kv_entry(mod)
+    with tvm.target.Target({"kind": "cuda", "arch": "sm_90"}):
+        mod, _ = prepare(mod, resolve("cuda", "sm_90"), None, lambda *a: None)
+    return mod
+
+
+def gpu_llama_with_and_without(tmp_path, monkeypatch, module: str, rewrite: str, off):
+    """An fp16 Llama (head dim 128, 2 layers) exported with past and built for the local GPU twice: as
+    nibble builds it, and with the rewrite module.rewrite replaced by `off` (which leaves the module as
+    it is). Returns the two loaded artifacts (with, without) and a prompt of 9 ids."""
+    import importlib
+
+    import torch
+    import transformers
+
+    import nibble
+    from nibble.hf import export_causal_lm_with_past
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
+                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)
+    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
+    export_causal_lm_with_past(model, tmp_path / "l.onnx")
+    with_ = nibble.load(nibble.compile_model(tmp_path / "l.onnx", target="cuda", output=tmp_path / "with.nibble"))
+    monkeypatch.setattr(importlib.import_module(module), rewrite, off)
+    without = nibble.load(nibble.compile_model(tmp_path / "l.onnx", target="cuda", output=tmp_path / "without.nibble"))
+    return with_, without, np.random.default_rng(0).integers(0, 512, (1, 9))
+
+
+def first_steps(loaded, ids) -> list:
+    """The prompt's logits, one decode step's logits (token 7) and the prompt's caches, as numpy arrays
+    (through the VM, no CUDA graph)."""
+    from compiler.generate import Generator
+
+    gen = Generator(loaded)
+    logits, past = gen._step(ids, gen._empty_past(1), 0)
+    step, _ = gen._step(np.array([[7]]), past, ids.shape[1])
+    return [np.asarray(logits), np.asarray(step)] + [np.asarray(p.numpy() if hasattr(p, "numpy") else p) for p in past]
+
+
 def onnx_sdpa(path, heads: int = 4, head_dim: int = 64):
     """torch's scaled_dot_product_attention with a boolean mask, TorchScript-exported (the op chain
     compiler/fuse_attention.py fuses): q [b, h, s, d], k/v [b, h, t, d] fp16, mask [b, 1, s, t] -> fp32."""

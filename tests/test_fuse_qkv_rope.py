@@ -8,24 +8,6 @@ import pytest
 from tests import models
 
 
-def _prepared(path):
-    """The exported model as build_module sees it for sm_90: int4 linears (q/k/v merged), the main_new_kv
-    entry, and prepare()'s rewrites (which include this pass)."""
-    import tvm
-
-    from compiler.build import BuildOptions, prepare, quantize
-    from compiler.new_kv_entry import add_new_kv_entry
-    from compiler.target import resolve
-    from frontends import import_model
-
-    imp = import_model(str(path))
-    mod, _, _ = quantize(imp.mod, imp.params, BuildOptions(target="cuda"), lambda *a: None)
-    mod, _ = add_new_kv_entry(mod)
-    with tvm.target.Target({"kind": "cuda", "arch": "sm_90"}):
-        mod, _ = prepare(mod, resolve("cuda", "sm_90"), None, lambda *a: None)
-    return mod
-
-
 def _calls(func):
     from tvm import relax
 
@@ -40,7 +22,7 @@ def test_llama_heads_come_from_one_kernel(tmp_path, half, heads, kv_heads):
     from one kernel call, in both entries; no rotation or transpose op of theirs is left."""
     models.hf_llama_with_past(tmp_path / "l.onnx", half=half, hidden_size=heads * 32, head_dim=32,
                               num_attention_heads=heads, num_key_value_heads=kv_heads)
-    mod = _prepared(tmp_path / "l.onnx")
+    mod = models.prepared_for_sm90(tmp_path / "l.onnx")
     for entry in ("main", "main_new_kv"):
         calls = _calls(mod[entry])
         rope = [c for c in calls if "qkv_rope" in str(getattr(c.args[0], "name_hint", ""))]
@@ -79,31 +61,10 @@ def test_builds_for_cuda_and_waits(tmp_path):
 def test_same_numbers_as_the_chains_on_gpu(tmp_path, monkeypatch):
     """fp16 Llama (head dim 128), built with the kernel and with the chains it replaces: the prompt's
     logits and caches and a decode step's logits agree to fp16 rounding, and greedy tokens are equal."""
-    import torch
-    import transformers
-
-    import compiler.fuse_qkv_rope
-    import nibble
-    from compiler.generate import Generator
-    from nibble.hf import export_causal_lm_with_past
-
-    torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=512, hidden_size=256, intermediate_size=768, num_hidden_layers=2,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=512)
-    model = transformers.LlamaForCausalLM(cfg).to("cuda", torch.float16).eval()
-    export_causal_lm_with_past(model, tmp_path / "l.onnx")
-    fused = nibble.load(nibble.compile_model(tmp_path / "l.onnx", target="cuda", output=tmp_path / "f.nibble"))
-    monkeypatch.setattr(compiler.fuse_qkv_rope, "fuse_qkv_rope", lambda mod, func_name=None: (mod, 0))
-    chains = nibble.load(nibble.compile_model(tmp_path / "l.onnx", target="cuda", output=tmp_path / "c.nibble"))
+    fused, chains, ids = models.gpu_llama_with_and_without(
+        tmp_path, monkeypatch, "compiler.fuse_qkv_rope", "fuse_qkv_rope", lambda mod, func_name=None: (mod, 0))
     assert not any(n.startswith("qkv_rope_") for n in chains.manifest["graph_wait_kernels"])
-    ids = np.random.default_rng(0).integers(0, 512, (1, 9))
-    outs = []
-    for m in (fused, chains):
-        gen = Generator(m)
-        logits, past = gen._step(ids, gen._empty_past(1), 0)
-        step, _ = gen._step(np.array([[7]]), past, 9)
-        outs.append([np.asarray(logits, np.float32), step.astype(np.float32)] +
-                    [np.asarray(p.numpy() if hasattr(p, "numpy") else p, np.float32) for p in past])
+    outs = [[a.astype(np.float32) for a in models.first_steps(m, ids)] for m in (fused, chains)]
     for a, b in zip(*outs):
         err = np.abs(a - b).max() / max(np.abs(b).max(), 1e-6)
         assert err <= 2e-3, err

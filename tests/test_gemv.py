@@ -15,13 +15,13 @@ def _target():
     return tvm_target(resolve("cuda", "sm_90"))
 
 
-def tagged_copy(kind, n, k, rows=None, cfg=QuantConfig(), bias=False, **config):
+def tagged_copy(kind, n, k, rows=None, cfg=QuantConfig(), bias=False, swiglu=False, **config):
     """The int4 PrimFunc of an n x k linear as compiler/dispatch.py tags its `kind` copy for m <= rows
     (None: unbounded); `config` (Config fields) as a tuning record would set it."""
     from compiler.dispatch import bucket_copy
     from compiler.tuning import CONFIG_ATTR
 
-    func = bucket_copy(int4_matmul_func(n, k, cfg, has_bias=bias), "k", rows, kind)
+    func = bucket_copy(int4_matmul_func(n, k, cfg, has_bias=bias, swiglu=swiglu), "k", rows, kind)
     return func.with_attr(CONFIG_ATTR, config) if config else func
 
 
