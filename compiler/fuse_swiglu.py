@@ -5,7 +5,7 @@ After compiler/merge_linears.py an exported Llama MLP reads (fp16; F the FFN wid
     gu = call_tir(int4_matmul_n2F, [x, qweight, scales])                          [m, 2F]
     g  = reshape*(strided_slice(gu, columns [0, F)))        (any number of reshapes)
     u  = reshape*(strided_slice(gu, columns [F, 2F)))
-    h  = multiply(multiply(g, sigmoid(g)), u)               (either operand order; or nn.silu(g))
+    h  = multiply(multiply(g, sigmoid(g)), u)               (either operand order)
   ==>
     h  = reshape(swiglu_dispatch(x, qweight, scales))                              [m, F]
 
@@ -22,7 +22,8 @@ full ones. The GEMV copies compute every gate and up output exactly as the unfus
 chunk order, same fp32 sums, rounded to fp16), then the graph's fp16 SwiGLU (int4_kernel.silu_times):
 decode gives the unfused build's bits. No weight re-layout: a block reads the gate rows and the up rows
 of the same 8 outputs (schedules/gemv_mma.py _row).
-Taken: fp16, symmetric, no bias, where the tensor-core GEMV takes the shape (sm_80+). CUDA only
+Taken: fp16, symmetric, no bias, where the tensor-core GEMV takes the shape (sm_80+). Not matched:
+torch.export's SiLU, which its decomposition computes in fp32 (casts around the sigmoid). CUDA only
 (build.py's prepare), before the token-count dispatch (compiler/dispatch.py), which gives the prefill
 chain's int4 call its own dispatch.
 """
@@ -77,13 +78,9 @@ class _Fuse(BindingRewriter):
         return m, begin[0], end[0]
 
     def _silu_of(self, a):
-        """g where a = multiply(g, sigmoid(g)) (either order) or nn.silu(g), all of it single-use; else None."""
+        """g where a = multiply(g, sigmoid(g)) (either order), all of it single-use; else None."""
         value = self.bindings.get(a)
-        if not self._only(a):
-            return None
-        if is_op(value, "relax.nn.silu"):
-            return value.args[0]
-        if not is_op(value, "relax.multiply"):
+        if not self._only(a) or not is_op(value, "relax.multiply"):
             return None
         for g, s in (value.args, value.args[::-1]):
             sig = self.bindings.get(s)
@@ -99,7 +96,7 @@ class _Fuse(BindingRewriter):
             g = self._silu_of(a)
             if g is None or not self._only(u):
                 continue
-            gate, up = self._half(g, 1 if is_op(self.bindings.get(a), "relax.nn.silu") else 2), self._half(u)
+            gate, up = self._half(g, 2), self._half(u)  # g: read by the sigmoid and the multiply
             if gate is None or up is None or not gate[0].same_as(up[0]):
                 continue
             m, f = gate[0], gate[2] - gate[1]
