@@ -43,8 +43,7 @@ from .relax_util import BindingRewriter, is_op, rewrite_main, same
 def _takes(spec: dict, arch: str | None) -> bool:
     from schedules.gemv_mma import takes
 
-    return (takes(spec, arch) and bool(spec["symmetric"]) and not bool(spec["has_bias"])
-            and int(spec["n"]) % 16 == 0)
+    return takes(spec, arch) and bool(spec["symmetric"]) and not bool(spec["has_bias"])
 
 
 @mutator
