@@ -112,18 +112,25 @@ def bucket_copy(func: tirx.PrimFunc, name: str, rows: int | None, kind: str) -> 
     return func.with_attr(attrs)
 
 
-def _dispatch_function(func: tirx.PrimFunc, kernels: list, large: tvm.ir.GlobalVar) -> relax.Function:
-    """The private Relax function that picks a kernel by m (see the module docstring)."""
+def relax_params(func: tirx.PrimFunc, m: tirx.Var) -> list:
+    """Relax parameters for an int4 PrimFunc's inputs (x, qweight, scales, ...; not y), x bound to m tokens."""
     bufs = list(func.params)  # TVM 0.27: typed buffer params (name, shape, dtype)
+    params = [relax.Var("x", relax.TensorType([m, bufs[0].shape[1]], bufs[0].dtype))]
+    return params + [relax.Var(b.name, relax.TensorType(list(b.shape), b.dtype)) for b in bufs[1:-1]]
+
+
+def dispatch_function(func: tirx.PrimFunc, kernels: list, last) -> relax.Function:
+    """The private Relax function that picks a kernel by m (see the module docstring): kernels are
+    (bound, GlobalVar of a copy of func) by increasing bound; last(params, out type) is what runs past
+    the last bound (here a call_tir of the unbounded copy)."""
     m = tirx.Var("m", "int64")
-    x_shape = [m, bufs[0].shape[1]]
-    params = [relax.Var("x", relax.TensorType(x_shape, bufs[0].dtype))]
-    params += [relax.Var(b.name, relax.TensorType(list(b.shape), b.dtype)) for b in bufs[1:-1]]
-    out = relax.TensorType([m, bufs[-1].shape[1]], bufs[-1].dtype)
+    params = relax_params(func, m)
+    y = func.params[-1]
+    out = relax.TensorType([m, y.shape[1]], y.dtype)
 
     def branch(i):
         if i == len(kernels):
-            return relax.call_tir(large, params, out)
+            return last(params, out)
         rows, gv = kernels[i]
         return relax.If(relax.prim_value(m <= rows), relax.call_tir(gv, params, out), branch(i + 1))
 
@@ -177,7 +184,8 @@ def dispatch_small_m(mod: tvm.IRModule, routes=None, arch: str | None = None) ->
             kernels.append((rows, add(bucket_copy(func, copy, rows, kind), copy)))
         copy = f"{name}_{large}"
         big = add(bucket_copy(func, copy, None, large), copy)
-        route[gv] = add(_dispatch_function(func, kernels, big), f"{name}_dispatch")
+        last = lambda ps, out, big=big: relax.call_tir(big, ps, out)  # noqa: E731
+        route[gv] = add(dispatch_function(func, kernels, last), f"{name}_dispatch")
     for gv, func in mod.functions_items():
         if isinstance(func, relax.Function):
             rw.builder_.update_func(gv, rw.visit_expr(func))

@@ -27,20 +27,11 @@ from tvm.relax.expr_functor import mutator
 from schedules.qkv_rope import QKV_ROPE, qkv_rope_func
 
 from .dispatch import KERNEL_ATTR
-from .relax_util import BindingRewriter, is_op, rewrite_main, same, scalar
+from .relax_util import BindingRewriter, is_op, rewrite_main, same, scalar, slice_args
 
 
 def _static(values) -> bool:
     return all(isinstance(v, tirx.IntImm) for v in values)
-
-
-def _slice_args(call):
-    """(axes, begin, end, strides) of a strided_slice as int lists, or None if any is not a constant."""
-    try:
-        out = [[int(getattr(v, "value", v)) for v in t.fields] for t in call.args[1:5]]
-    except (AttributeError, TypeError, ValueError):
-        return None
-    return out + [[1] * len(out[0])] if len(out) == 3 else out
 
 
 @mutator
@@ -73,7 +64,7 @@ class _Fuse(BindingRewriter):
         if not (isinstance(ty, relax.TensorType) and ty.shape is not None and ty.ndim == 2
                 and _static(ty.shape.values[1:])):
             return None
-        args = _slice_args(value)
+        args = slice_args(value)
         if args is None or args[0] not in ([1], [-1]) or args[3] != [1]:
             return None
         return m, args[1][0], args[2][0]
@@ -111,7 +102,7 @@ class _Fuse(BindingRewriter):
         for u in users:
             v = self.bindings[u]
             if is_op(v, "relax.strided_slice"):
-                args = _slice_args(v)
+                args = slice_args(v)
                 if args is None or args[0] not in ([3], [-1]) or args[3] != [1]:
                     return False
                 lo, hi = args[1][0], args[2][0]

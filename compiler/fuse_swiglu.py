@@ -33,11 +33,11 @@ import tvm
 from tvm import relax, tirx
 from tvm.relax.expr_functor import mutator
 
-from .dispatch import DECODE, bucket_copy, copy_name
+from .dispatch import DECODE, bucket_copy, copy_name, dispatch_function, relax_params
 from .int4_kernel import ATTR, int4_matmul_func
 from .merge_linears import _int4_spec
 from .quantize import QuantConfig
-from .relax_util import BindingRewriter, is_op, rewrite_main, same
+from .relax_util import BindingRewriter, is_op, rewrite_main, same, slice_args
 
 
 def _takes(spec: dict, arch: str | None) -> bool:
@@ -66,15 +66,10 @@ class _Fuse(BindingRewriter):
         value = self.bindings.get(v)
         if not (is_op(value, "relax.strided_slice") and self._only(v, uses)):
             return None
-        m = value.args[0]
-        try:
-            axes, begin, end = ([int(getattr(a, "value", a)) for a in t.fields] for t in value.args[1:4])
-            strides = [int(getattr(a, "value", a)) for a in value.args[4].fields] if len(value.args) > 4 else [1]
-        except (AttributeError, TypeError, ValueError):
+        m, args = value.args[0], slice_args(value)
+        if args is None or m.ty.ndim != 2 or args[0] not in ([1], [-1]) or args[3] != [1]:
             return None
-        if m.ty.ndim != 2 or axes not in ([1], [-1]) or strides != [1]:
-            return None
-        return m, begin[0], end[0]
+        return m, args[1][0], args[2][0]
 
     def _silu_of(self, a):
         """g where a = multiply(g, sigmoid(g)) (either order), all of it single-use; else None."""
@@ -139,14 +134,8 @@ class _Fuse(BindingRewriter):
             copies.append((rows, add(bucket_copy(sw, copy, rows, kind), copy)))
 
         m = tirx.Var("m", "int64")
-
-        def params():
-            return [relax.Var("x", relax.TensorType([m, k], xd)),
-                    relax.Var("qweight", relax.TensorType([n, k // 8], "uint32")),
-                    relax.Var("scales", relax.TensorType([n, -(-k // g)], "float16"))]
-
+        ps = relax_params(sw, m)
         bb = relax.BlockBuilder()
-        ps = params()
         with bb.function("prefill", ps, pure=True, private=True):
             with bb.dataflow():
                 y = bb.emit(relax.call_tir(gv, ps, relax.TensorType([m, n], xd)))
@@ -156,20 +145,8 @@ class _Fuse(BindingRewriter):
                 out = bb.emit_output(relax.op.multiply(act, up))
             bb.emit_func_output(out)
         prefill = add(bb.get()["prefill"], f"{name}_prefill")
-
-        ps = params()
-        out_ty = relax.TensorType([m, f], xd)
-
-        def branch(i):
-            if i == len(copies):
-                return relax.Call(prefill, ps)
-            rows, copy = copies[i]
-            return relax.If(relax.prim_value(m <= rows), relax.call_tir(copy, ps, out_ty), branch(i + 1))
-
-        bb = relax.BlockBuilder()
-        with bb.function("dispatch", ps, pure=True, private=True):
-            bb.emit_func_output(bb.emit(branch(0)))
-        self.funcs[gv] = add(bb.get()["dispatch"], f"{name}_dispatch")
+        last = lambda params, _out: relax.Call(prefill, params)  # noqa: E731
+        self.funcs[gv] = add(dispatch_function(sw, copies, last), f"{name}_dispatch")
         return self.funcs[gv]
 
     def rewrite(self, value):

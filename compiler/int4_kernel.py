@@ -79,10 +79,6 @@ def int4_matmul_func(n: int, k: int, cfg: QuantConfig, x_dtype: str = "float16",
     func = te.create_prim_func(args)
     spec = {"n": n, "k": k, "group_size": g, "symmetric": cfg.symmetric, "has_bias": has_bias, "x_dtype": x_dtype}
     if swiglu:
-        spec["swiglu"] = True  # absent otherwise: read it with is_swiglu(spec)
+        spec["swiglu"] = True  # absent otherwise: read it with schedules.template.is_swiglu
     return func.with_attr({"global_symbol": kernel_name(n, k, cfg, x_dtype, has_bias, swiglu), ATTR: spec})
 
-
-def is_swiglu(spec) -> bool:
-    """Whether an int4 spec (the ATTR dict) computes SwiGLU of its two output halves."""
-    return "swiglu" in spec and bool(spec["swiglu"])

@@ -19,6 +19,16 @@ def scalar(expr) -> float | None:
     return None
 
 
+def slice_args(call):
+    """(axes, begin, end, strides) of a strided_slice call as int lists (strides [1, ...] where it has
+    none), or None if any is not a constant."""
+    try:
+        out = [[int(getattr(v, "value", v)) for v in t.fields] for t in call.args[1:5]]
+    except (AttributeError, TypeError, ValueError):
+        return None
+    return out + [[1] * len(out[0])] if len(out) == 3 else out
+
+
 def same(a, b) -> bool:
     """Two shape values (ints or symbolic expressions) are provably equal."""
     return tvm.sym.Analyzer().can_prove_equal(a, b)

@@ -47,7 +47,7 @@ import dataclasses
 import math
 from string import Template
 
-from .template import ATTR, GRID_WAIT, ROWS_ATTR, TemplateRule, indent, signature
+from .template import ATTR, GRID_WAIT, ROWS_ATTR, TemplateRule, indent, is_swiglu, signature
 
 CHUNK = 128  # k per lane-quad per chunk: 4 lanes x 4 words x 8 nibbles
 VERSION = 1  # bump when the kernel changes meaning: tuning records of other versions are ignored
@@ -265,7 +265,7 @@ for e in T.unroll($OPT):
                 s[0] = s[0] + red[w * $OUT + o % $RB * $TOK + o // $RB]
             y[tok, bx * $RB + o % $RB] = T.Cast("float16", $VAL)'''
 # swiglu: out index o = token * RB / 2 + f; output f of the block is silu(gate row) * up row, the rows
-# (f // 8) * 16 + f % 8 and that + 8 of the block (see _swiglu_row), each summed over the warps and
+# (f // 8) * 16 + f % 8 and that + 8 of the block (see _row), each summed over the warps and
 # rounded to fp16 exactly as _STORE does, then combined in the graph's fp16 ops
 # (compiler.int4_kernel.silu_times): the bits of the unfused kernel followed by the graph's SwiGLU
 _STORE_SWIGLU = '''
@@ -307,7 +307,7 @@ def gemv_mma_func(attrs: dict, rows: int, cfg: Config):
         rt //= 2
     if not takes(attrs, "sm_80") or rows > 16 or n % (16 * rt) or cfg.warps < 1 or cfg.chunks < 1:
         return None
-    swiglu = "swiglu" in attrs and bool(attrs["swiglu"])  # = compiler.int4_kernel.is_swiglu
+    swiglu = is_swiglu(attrs)
     if swiglu and (bias or not sym):
         return None  # not built: Llama's gate/up projections have neither
     tt = 1 if rows <= 8 else 2

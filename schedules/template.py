@@ -32,6 +32,12 @@ GRID_WAIT = f'T.evaluate(T.cuda.func_call("nb_grid_wait", source_code={GRID_WAIT
 GRID_WAIT_CALL = "nb_grid_wait()"  # its call in the CUDA source: compiler/cuda_graph.py finds the kernels by it
 
 
+def is_swiglu(spec) -> bool:
+    """Whether an int4 spec (the ATTR dict) computes SwiGLU of its two output halves (compiler/fuse_swiglu.py;
+    compiler/int4_kernel.py sets the key only then)."""
+    return "swiglu" in spec and bool(spec["swiglu"])
+
+
 def indent(text: str, n: int) -> str:
     """text without its surrounding blank lines, every non-blank line indented by n spaces (for
     splicing generated TVMScript into a template)."""
@@ -106,7 +112,7 @@ class TemplateRule(ScheduleRule):
             return None
         if str(attrs[KERNEL_ATTR]) != self.kind or target.kind.name != "cuda":
             return None
-        if "swiglu" in attrs[ATTR] and bool(attrs[ATTR]["swiglu"]) and not self.swiglu:
+        if is_swiglu(attrs[ATTR]) and not self.swiglu:
             return None
         kernel = self.build(func, attrs, target)
         if kernel is None:
