@@ -79,12 +79,13 @@ class ArchConfig:
 #    two token tiles take ~100 registers, so 16-warp blocks fit one per SM.
 #  * N = 12288 (768 tiles): 4 warps 11.2 vs 11.5 (8) at m = 1, 20.2 vs 21.2 at m = 16.
 #  * N = 22016 (1376 tiles): 8 warps 17.4 vs 19.5 (4; probably its 1.5 waves of resident blocks).
-#    At m = 16, with the streamed loads (h200_gemv_loads.md run 4): 4 warps of 4 chunks per step 29.6 vs
-#    32.8 for 8 warps with two row tiles (the choice before them: 34.3 vs 39.8 then) and 38.1 for 4 warps
-#    of 2 chunks; at m = 8 the three tie (26.5-26.7).
+#    At m = 16, 8 warps with two row tiles: 32.8 us (h200_gemv_loads.md run 4) and 32.6-32.7 (three runs
+#    of the twelfth session, h200_m16_22016.md). 4 warps of 4 chunks per step ran 29.6 on the ninth
+#    session's machine but 41.6-42.0 in all three runs of the twelfth's (the same CUDA source), so the
+#    steadier config is the default; 4 warps of 2 chunks 38.1 / 39.2.
 _H200 = ArchConfig(by_tiles=((512, Config(warps=16), Config(warps=8)),
                              (1024, Config(warps=4), Config(warps=4)),
-                             (1 << 30, Config(warps=8), Config(warps=4, chunks=4))))
+                             (1 << 30, Config(warps=8), Config(warps=8, row_tiles=2))))
 DEFAULTS = {"sm_90": _H200, "default": _H200}  # other GPUs: not measured, the H200's choice
 SPACE = {"warps": (4, 8, 16), "row_tiles": (1, 2), "chunks": (1, 2, 4)}
 
