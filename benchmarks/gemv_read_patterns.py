@@ -77,6 +77,7 @@ ABLATIONS = {
 
 SRC = r"""
 #include <cstdint>
+#include <cuda_fp16.h>
 #define DEV __device__ __forceinline__
 
 DEV uint4 ldw(const uint32_t* p) {
@@ -202,6 +203,99 @@ extern "C" __global__ void bulk_s8(const uint32_t* q, int kw, int sb, uint32_t* 
 extern "C" __global__ void bulkrow_s4(const uint32_t* q, int kw, int sb, uint32_t* out) { bulk_tile<4, 1>(q, kw, sb, out); }
 extern "C" __global__ void bulkrow_s8(const uint32_t* q, int kw, int sb, uint32_t* out) { bulk_tile<8, 1>(q, kw, sb, out); }
 
+// Warp-specialized GEMV prototype (M = 1, symmetric, group 128): one producer warp streams the block's 16
+// rows through a ring of S stages (CS chunks of 128 k each: [16 rows][CS * 64 B + 64 B pad] weights, then
+// [16][CS] scales) with cp.async, tracked by mbarriers (full: the producer's 32 lanes arrive when their
+// copies land; empty: each of the NC consumer warps arrives when done with a stage); the NC consumer
+// warps run gemv_mma's chunk math (nb_mma_chunk) on the stages and reduce through shared memory.
+DEV void cp16(void* d, const void* s) {
+  asm volatile("cp.async.cg.shared.global.L2::256B [%0], [%1], 16;" :: "r"(smem(d)), "l"(s) : "memory");
+}
+DEV void cp4(void* d, const void* s) {
+  asm volatile("cp.async.ca.shared.global [%0], [%1], 4;" :: "r"(smem(d)), "l"(s) : "memory");
+}
+DEV void cp_arrive(uint64_t* bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];" :: "r"(smem(bar)) : "memory");
+}
+DEV void arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(smem(bar)) : "memory");
+}
+template <int NC, int S, int CS, int TMA>
+DEV void ws_gemv(const uint32_t* __restrict__ qw, const half* __restrict__ sc, const half* __restrict__ x,
+                 half* __restrict__ y, int K) {
+  constexpr int ROWB = CS * 64 + 64, WB = 16 * ROWB, STB = WB + 16 * CS * 2;
+  extern __shared__ __align__(128) uint8_t sm[];
+  __shared__ __align__(8) uint64_t full[S], empty[S];
+  __shared__ float red[NC * 128];
+  const int kw = K / 8, C = K / 128, nst = (C + CS - 1) / CS;
+  const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
+  const size_t row0 = (size_t)blockIdx.x * 16;
+  if (threadIdx.x == 0) {
+    for (int s = 0; s < S; ++s) {
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem(full + s)), "r"(TMA ? 1 : 32) : "memory");
+      asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(smem(empty + s)), "r"(NC) : "memory");
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+  if (warp == NC) {  // the producer
+    for (int i = 0; i < nst; ++i) {
+      const int slot = i % S, cs = min(CS, C - i * CS);
+      if (i >= S) wait(empty + slot, (i / S - 1) & 1);
+      uint8_t* st = sm + slot * STB;
+      if (TMA) {  // one bulk copy per row of weights (the consumers read the scales from global)
+        if (lane == 0) expect_tx(full + slot, 16 * cs * 64);
+        __syncwarp();
+        if (lane < 16) bulk(st + lane * ROWB, qw + (row0 + lane) * kw + (size_t)i * CS * 16, cs * 64, full + slot);
+      } else {
+        for (int p = lane; p < 16 * cs * 4; p += 32) {
+          const int row = p / (cs * 4), off = p % (cs * 4);
+          cp16(st + row * ROWB + off * 16, qw + (row0 + row) * kw + (size_t)i * CS * 16 + off * 4);
+        }
+        for (int p = lane; p < 16 * cs / 2; p += 32) {
+          const int row = p / (cs / 2), off = p % (cs / 2);
+          cp4(st + WB + (row * CS + off * 2) * 2, sc + (row0 + row) * C + i * CS + off * 2);
+        }
+        cp_arrive(full + slot);
+      }
+    }
+    asm volatile("cp.async.wait_all;" ::: "memory");
+    return;
+  }
+  const int r = lane / 4, t = lane % 4;
+  float acc[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+  const half z = __float2half(8.f);
+  for (int i = 0; i < nst; ++i) {
+    const int slot = i % S, cs = min(CS, C - i * CS);
+    wait(full + slot, (i / S) & 1);
+    const uint8_t* st = sm + slot * STB;
+    const half* ss = reinterpret_cast<const half*>(st + WB);
+    for (int cl = warp; cl < cs; cl += NC) {
+      const uint4 w0 = *reinterpret_cast<const uint4*>(st + r * ROWB + cl * 64 + t * 16);
+      const uint4 w8 = *reinterpret_cast<const uint4*>(st + (r + 8) * ROWB + cl * 64 + t * 16);
+      const half* xp = x + (i * CS + cl) * 128 + t * 32;
+      const int c = i * CS + cl;
+      const half s0 = TMA ? sc[(row0 + r) * C + c] : ss[r * CS + cl], s8 = TMA ? sc[(row0 + r + 8) * C + c] : ss[(r + 8) * CS + cl];
+      nb_mma_chunk(acc, &w0.x, &w8.x, xp, xp, 1, s0, s8, z, z);
+    }
+    __syncwarp();
+    if (lane == 0) arrive(empty + slot);
+  }
+  // fragment i of a lane: row r + 8 (i / 2), token 2 t + i % 2
+  for (int i = 0; i < 4; ++i) red[warp * 128 + (r + i / 2 * 8) * 8 + t * 2 + i % 2] = acc[i];
+  asm volatile("bar.sync 1, %0;" :: "n"(NC * 32) : "memory");
+  if (threadIdx.x < 16) {
+    float s = 0.f;
+    for (int w = 0; w < NC; ++w) s += red[w * 128 + threadIdx.x * 8];
+    y[row0 + threadIdx.x] = __float2half(s);
+  }
+}
+#define WS(NC, S, CS, TMA) extern "C" __global__ void __launch_bounds__((NC + 1) * 32) \
+    ws##TMA##_##NC##_##S##_##CS(const uint32_t* qw, const half* sc, const half* x, half* y, int K) { \
+    ws_gemv<NC, S, CS, TMA>(qw, sc, x, y, K); }
+WS(4, 4, 8, 0) WS(8, 4, 8, 0) WS(2, 4, 8, 0) WS(4, 6, 4, 0) WS(4, 2, 16, 0) WS(8, 2, 16, 0) WS(4, 3, 8, 0)
+WS(4, 4, 8, 1) WS(8, 4, 8, 1) WS(2, 4, 8, 1) WS(4, 6, 4, 1) WS(4, 2, 16, 1) WS(8, 2, 16, 1) WS(4, 3, 8, 1)
+
 extern "C" __global__ void stream(const uint4* q, long long n16, uint32_t* out) {
   uint32_t acc = 0;
   const long long stride = (long long)gridDim.x * blockDim.x;
@@ -260,8 +354,21 @@ class Long(int):
     """A 64-bit kernel argument."""
 
 
+WS_CONFIGS = [(tma, nc, s, cs) for tma in (0, 1)  # (TMA bulk copies?, NC, S, CS)
+              for nc, s, cs in ((4, 4, 8), (8, 4, 8), (2, 4, 8), (4, 6, 4), (4, 2, 16), (8, 2, 16), (4, 3, 8))]
+
+
+def ws_smem(s, cs):
+    return s * (16 * (cs * 64 + 64) + 16 * cs * 2)
+
+
 def compile_cubin(tmp: Path) -> bytes:
-    (tmp / "reads.cu").write_text(SRC)
+    from schedules.gemv_mma import _HELPERS
+
+    (tmp / "reads.cu").write_text(SRC.replace("#include <cuda_fp16.h>", "#include <cuda_fp16.h>\n" + _HELPERS
+                                              + "\n#define DEV __device__ __forceinline__\n"
+                                              "DEV uint32_t smem(const void* p);\n"
+                                              "DEV void wait(uint64_t* bar, uint32_t parity);", 1))
     subprocess.run(["nvcc", "-cubin", "-arch=sm_90", "-O3", "-std=c++17", "-o", str(tmp / "reads.cubin"),
                     str(tmp / "reads.cu")], check=True)
     return (tmp / "reads.cubin").read_bytes()
@@ -326,6 +433,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
     ap.add_argument("--no-patterns", action="store_true", help="only nibble's GEMV, its ablations and the copy")
+    ap.add_argument("--no-ablations", action="store_true", help="nibble's GEMV without its ablations")
+    ap.add_argument("--ws", action="store_true", help="also the warp-specialized GEMV prototype (WS_CONFIGS)")
     ap.add_argument("--profile", default=None, metavar="KxN[:ABLATION]",
                     help="only run nibble's GEMV (or an ablation) on one shape 5 times, untimed: for Nsight Compute")
     args = ap.parse_args()
@@ -376,9 +485,25 @@ def main():
         y = torch.empty(1, n, device="cuda", dtype=torch.float16)
         t_ = tvm.runtime.from_dlpack
         targs = [(t_(x), t_(q.view(torch.uint32)), t_(s), t_(y)) for q, s in zip(qs, scs)]
-        for ab in [None, *ABLATIONS]:
+        for ab in [None, *([] if args.no_ablations else ABLATIONS)]:
             f = nibble_gemv(n, k, tmp, ab)
             row["nibble_mma8" + (f"_{ab}" if ab else "")] = graph_time([lambda a=a: f(*a) for a in (targs * 24)[:24]]) * 1e6
+        if args.ws:  # the warp-specialized prototype, checked against nibble's GEMV on the same inputs
+            f = nibble_gemv(n, k, tmp)
+            ref = torch.empty_like(y)
+            f(t_(x), t_(q0.view(torch.uint32)), t_(sc0), t_(ref))
+            for tma, nc, st, cs in WS_CONFIGS:
+                name, block, smem = f"ws{tma}_{nc}_{st}_{cs}", (nc + 1) * 32, ws_smem(st, cs)
+                got = torch.full_like(y, float("nan"))
+                drv.launch(name, n // 16, block, [q0, sc0, x, got, k], smem)
+                torch.cuda.synchronize()
+                err = float((got.float() - ref.float()).norm() / ref.float().norm())
+                if not err < 1e-3:
+                    raise SystemExit(f"{name} on {k}->{n}: rel. difference {err} from nibble's GEMV")
+                row[name] = graph_time([lambda q=q, sc=sc: drv.launch(name, n // 16, block, [q, sc, x, y, k], smem)
+                                        for q, sc in (list(zip(qs, scs)) * 24)[:24]]) * 1e6
+                print(f"{k}->{n} {name}: {row[name]:.2f} us (nibble {row['nibble_mma8']:.2f}), diff {err:.1e}",
+                      flush=True)
         half = (wbytes + sc0.numel() * 2 + 2 * k + 2 * n) // 2
         src = [torch.empty(half, dtype=torch.uint8, device="cuda") for _ in range(copies)]
         dst = torch.empty(half, dtype=torch.uint8, device="cuda")
