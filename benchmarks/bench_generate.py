@@ -44,7 +44,11 @@ DEV = "cuda"
 # --compare NAME: (module, attribute, patch) that builds the model without one of our rewrites
 COMPARES = {
     # q/k/v's RoPE and transposes as TVM's three kernels per layer, not compiler/fuse_qkv_rope.py's one
-    "qkv_chains": ("compiler.fuse_qkv_rope", "fuse_qkv_rope", lambda f: lambda mod, func_name=None: (mod, 0)),
+    "qkv_chains": ("compiler.fuse_qkv_rope", "fuse_qkv_rope",
+                   lambda f: lambda mod, func_name=None, arch=None: (mod, 0)),
+    # the heads kernel after the q/k/v GEMV at every token count, not the GEMV writing the heads in decode
+    "qkv_kernel": ("compiler.fuse_qkv_rope", "fuse_qkv_rope",
+                   lambda f: lambda mod, func_name=None, arch=None: f(mod, func_name)),
     # the decode attention loading the past K/V only after it waits (schedules/attention.py early_loads)
     "late_kv": ("compiler.fuse_attention", "attention_func",
                 lambda f: lambda *a, **kw: f(*a, **{**kw, "early_loads": False})),
@@ -377,7 +381,13 @@ def phase_nibble(args, res):
         import nibble
 
         arts = {"nibble": Path(args.work, "model.nibble"), key: Path(args.work, f"model_{args.compare}.nibble")}
+        from compiler.generate import Generator
+
         models = {k: nibble.load(a, device=DEV) for k, a in arts.items()}
+        for k, a in arts.items():  # and each in plain stream order (no programmatic edges)
+            models[f"{k}_full_edges"] = m = nibble.load(a, device=DEV)
+            m._generator = Generator(m)
+            m._generator.pdl = False
         ids = prompt_ids((TINY if args.tiny else LLAMA2_7B)["vocab_size"])
         times = {k: [] for k in models}
         for _ in range(2 * args.repeat + 1):
