@@ -44,11 +44,7 @@ DEV = "cuda"
 # --compare NAME: (module, attribute, patch) that builds the model without one of our rewrites
 COMPARES = {
     # q/k/v's RoPE and transposes as TVM's three kernels per layer, not compiler/fuse_qkv_rope.py's one
-    "qkv_chains": ("compiler.fuse_qkv_rope", "fuse_qkv_rope",
-                   lambda f: lambda mod, func_name=None, arch=None: (mod, 0)),
-    # the heads kernel after the q/k/v GEMV at every token count, not the GEMV writing the heads in decode
-    "qkv_kernel": ("compiler.fuse_qkv_rope", "fuse_qkv_rope",
-                   lambda f: lambda mod, func_name=None, arch=None: f(mod, func_name)),
+    "qkv_chains": ("compiler.fuse_qkv_rope", "fuse_qkv_rope", lambda f: lambda mod, func_name=None: (mod, 0)),
     # the decode attention loading the past K/V only after it waits (schedules/attention.py early_loads)
     "late_kv": ("compiler.fuse_attention", "attention_func",
                 lambda f: lambda *a, **kw: f(*a, **{**kw, "early_loads": False})),

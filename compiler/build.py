@@ -74,8 +74,7 @@ def prepare(mod, spec: dict, tuning=None, log=print):
         mod, norms = fuse_rmsnorm(mod)  # RMSNorm: one kernel instead of two
         mod, add_norms = fuse_add_rmsnorm(mod)  # and the residual add before it in the same kernel
         mod, fused = fuse_decode_attention(mod)  # decode attention: one kernel (schedules/attention.py)
-        mod, heads = fuse_qkv_rope(mod, arch=spec["arch"])  # q, k, v heads (RoPE, transposes): one kernel
-        # per projection; for decode, its int4 GEMV writes them
+        mod, heads = fuse_qkv_rope(mod)  # q, k, v heads (RoPE, transposes): one kernel per projection
         if fused or norms:
             log(f"{fused} attention blocks fused for decode, {norms} RMSNorms made one op")
         if heads:

@@ -119,25 +119,20 @@ def relax_params(func: tirx.PrimFunc, m: tirx.Var) -> list:
     return params + [relax.Var(b.name, relax.TensorType(list(b.shape), b.dtype)) for b in bufs[1:-1]]
 
 
-def dispatch_function(func: tirx.PrimFunc, kernels: list, last, signature: tuple | None = None) -> relax.Function:
+def dispatch_function(func: tirx.PrimFunc, kernels: list, last) -> relax.Function:
     """The private Relax function that picks a kernel by m (see the module docstring): kernels are
     (bound, GlobalVar of a copy of func) by increasing bound; last(params, out type) is what runs past
-    the last bound (here a call_tir of the unbounded copy). `signature` (m, params, out type) replaces
-    func's (x bound to m tokens, ..., y [m, N]) where the kernels take or return more; the kernels get
-    the tensor parameters (a shape parameter only binds symbolic dims of the out type)."""
-    if signature is None:
-        m = tirx.Var("m", "int64")
-        y = func.params[-1]
-        signature = (m, relax_params(func, m), relax.TensorType([m, y.shape[1]], y.dtype))
-    m, params, out = signature
+    the last bound (here a call_tir of the unbounded copy)."""
+    m = tirx.Var("m", "int64")
+    params = relax_params(func, m)
+    y = func.params[-1]
+    out = relax.TensorType([m, y.shape[1]], y.dtype)
 
     def branch(i):
         if i == len(kernels):
             return last(params, out)
         rows, gv = kernels[i]
-        return relax.If(relax.prim_value(m <= rows), relax.call_tir(gv, tensors, out), branch(i + 1))
-
-    tensors = [p for p in params if isinstance(p.ty, relax.TensorType)]
+        return relax.If(relax.prim_value(m <= rows), relax.call_tir(gv, params, out), branch(i + 1))
 
     bb = relax.BlockBuilder()
     with bb.function("dispatch", params, pure=True, private=True):

@@ -17,19 +17,6 @@ fuses each of the three chains into a kernel of its own: in a Llama-2-7B decode 
 ~1.4 us per layer that move 24 KB, 0.13 ms of a 1.95 ms step plus their gaps (h200_generate.md). A
 group of the projection that is neither rotated nor only transposed keeps its chain; a projection with
 no rotated group is left alone (one kernel already serves it). CUDA only (build.py's prepare).
-
-Decode: where qkv is an int4 projection the tensor-core GEMV takes (fp16, symmetric, no bias, head dim a
-multiple of 16, whole heads; given the GPU arch), the call goes through a dispatch instead:
-
-    t = <int4>_rope_dispatch(x, qweight, scales, C, S, shape(b, s))
-        m <= 8:    call_tir(<int4>_rope_mma8, [x, qweight, scales, C, S], out=[q, k, v])
-        m <= 16:   call_tir(<int4>_rope_mma16, ...)           the GEMV writes the rotated heads itself
-        else:      the projection, then the kernel above
-
-so a decode step runs one kernel per layer for the projection and its heads. The GEMV copies
-(schedules/gemv_mma.py, rope) compute each output as the projection's copy with the default config does,
-round it to fp16 and rotate it in the ops of schedules/qkv_rope.py: the unfused kernels' bits. They are
-built scheduled, with the default config (not tuning tasks).
 """
 from __future__ import annotations
 
@@ -39,8 +26,7 @@ from tvm.relax.expr_functor import mutator
 
 from schedules.qkv_rope import QKV_ROPE, qkv_rope_func
 
-from .dispatch import DECODE, KERNEL_ATTR, copy_name, dispatch_function, relax_params
-from .merge_linears import _int4_spec
+from .dispatch import KERNEL_ATTR
 from .relax_util import BindingRewriter, is_op, rewrite_main, same, scalar, slice_args
 
 
@@ -50,11 +36,9 @@ def _static(values) -> bool:
 
 @mutator
 class _Fuse(BindingRewriter):
-    def __init__(self, mod, arch=None):
+    def __init__(self, mod):
         super().__init__(mod)
-        self.mod, self.arch = mod, arch  # the GPU arch ("sm_90"), or None: no decode GEMV route
         self.funcs: dict = {}  # kernel key -> GlobalVar
-        self.dispatches: dict = {}  # (projection GlobalVar, kernel GlobalVar) -> its rope dispatch GlobalVar
         self.groups: dict = {}  # the binding var where a group's call goes -> the group
 
     # -- matching ---------------------------------------------------------------------------------
@@ -218,65 +202,14 @@ class _Fuse(BindingRewriter):
             self.funcs[key] = self.builder_.add_func(func.with_attr({"global_symbol": name, **tag}), name)
         return self.funcs[key]
 
-    def _dispatch(self, g, gv):
-        """The rope dispatch (module docstring) of group g, whose heads kernel is gv, or None where the
-        projection is not an int4 call the tensor-core GEMV takes."""
-        from schedules import gemv_mma
-
-        call, pieces = self.bindings.get(g["m"]), g["pieces"]
-        spec = _int4_spec(self.mod, call) if self.arch and self.uses.get(g["m"]) == len(pieces) else None
-        if spec is None or not (gemv_mma.takes(spec, self.arch) and spec["symmetric"] and not spec["has_bias"]):
-            return None
-        n, d = int(spec["n"]), pieces[0]["d"]
-        rope = dict(d=d, dtype=str(g["cos"].ty.dtype), pieces=[
-            dict(col=p["col"], heads=p["heads"], dtype=p["dtype"], rope=p["rope"], scale=p["scale"]) for p in pieces])
-        key = (call.args[0], gv)
-        if key in self.dispatches:
-            return self.dispatches[key]
-        arch = gemv_mma.DEFAULTS.get(self.arch, gemv_mma.DEFAULTS["default"])
-        name, add, copies = f"{call.args[0].name_hint}_rope{len(self.dispatches)}", self.builder_.add_func, []
-        for rows, kind in DECODE:
-            f = gemv_mma.gemv_mma_func(spec, rows, gemv_mma.default_for(arch, n, rows), rope)
-            if f is None:
-                return None
-            copy = f"{name}_{copy_name(rows, kind)}"
-            copies.append((rows, add(f.with_attr({"global_symbol": copy, "tirx.is_scheduled": True}), copy)))
-        m, b, s, cb = (tirx.Var(v, "int64") for v in ("m", "b", "s", "cb"))
-        cs = relax.TensorType([cb, 1, s, d], rope["dtype"])
-        out = [relax.TensorType([b, p["heads"], s, d], p["dtype"]) for p in pieces]
-
-        def params():  # x, qweight, scales, cos, sin, shape (b, s); new vars for each function
-            return relax_params(self.mod[call.args[0]], m) + [
-                relax.Var("cos", cs), relax.Var("sin", cs), relax.Var("shape", relax.ShapeType([b, s]))]
-
-        ps = params()
-        bb = relax.BlockBuilder()
-        with bb.function("prefill", ps, pure=True, private=True):  # the projection, then the heads kernel
-            with bb.dataflow():
-                y = bb.emit(relax.call_tir(call.args[0], ps[:-3], relax.TensorType([m, n], str(spec["x_dtype"]))))
-                t = bb.emit_output(relax.call_tir(gv, [y, ps[-3], ps[-2]], out))
-            bb.emit_func_output(t)
-        prefill = add(bb.get()["prefill"], f"{name}_prefill")
-        last = lambda ps, _out: relax.Call(prefill, ps)  # noqa: E731
-        func = dispatch_function(None, copies, last, (m, params(), out))
-        self.dispatches[key] = add(func, f"{name}_dispatch")
-        return self.dispatches[key]
-
     def rewrite(self, value):
         g = self.groups.pop(self.current, None)
         if g is None:
             return None
         gv = self._kernel(g)
         outs = [relax.TensorType(list(p["x"].ty.shape.values), p["dtype"]) for p in g["pieces"]]
-        route = self._dispatch(g, gv)
-        if route is not None:  # the projection's decode GEMV writes the heads
-            call = self.bindings[g["m"]]
-            args = [self.visit_expr(a) for a in [*call.args[1].fields, g["cos"], g["sin"]]]
-            shape = relax.ShapeExpr([g["pieces"][0]["b"], g["pieces"][0]["s"]])
-            t = self.builder_.emit(relax.Call(route, args + [shape]))
-        else:
-            args = [self.visit_expr(a) for a in (g["m"], g["cos"], g["sin"])]
-            t = self.builder_.emit(relax.call_tir(gv, args, outs))
+        args = [self.visit_expr(a) for a in (g["m"], g["cos"], g["sin"])]
+        t = self.builder_.emit(relax.call_tir(gv, args, outs))
         mine = None
         for i, p in enumerate(g["pieces"]):
             if p["out"].same_as(self.current):
@@ -286,10 +219,9 @@ class _Fuse(BindingRewriter):
         return mine
 
 
-def fuse_qkv_rope(mod: tvm.IRModule, func_name: str | None = None, arch: str | None = None):
-    """Apply the rewrite to mod[func_name] (default: every entry function); with arch ("sm_90"), int4
-    projections also get the decode GEMV route. Returns (module, number of projections whose heads now
-    come from one kernel)."""
-    rw = _Fuse(mod, arch)
+def fuse_qkv_rope(mod: tvm.IRModule, func_name: str | None = None):
+    """Apply the rewrite to mod[func_name] (default: every entry function); returns (module, number of
+    projections whose heads now come from one kernel)."""
+    rw = _Fuse(mod)
     out = rewrite_main(mod, rw, func_name)
     return out, rw.count

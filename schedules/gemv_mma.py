@@ -288,115 +288,19 @@ for e in T.unroll($OPT):
             y[tok, bx * ($RB // 2) + o % ($RB // 2)] = gh[0] * (T.float16(1) / (T.float16(1) + T.exp(
                 T.float16(0) - gh[0]))) * gh[1]'''
 
-# rope (compiler/fuse_qkv_rope.py: the projection's outputs as q / k / v heads, rotated): out index o = token
-# * RB / 2 + f; pair f of the block is head dim p and p + d/2 of one head, block rows (f // 8) * 16 + f % 8 and
-# that + 8 (see _row), each summed over the warps and rounded to fp16 exactly as _STORE does, then rotated
-# (or copied) and written to the head's output [b, H, s, d] in the fp16 ops of schedules/qkv_rope.py: the
-# bits of the unfused kernels. $PIECES: one _ROPE_PIECE per output. _ROPE_PRE, right after the grid wait
-# (cos and sin are earlier kernels' outputs), divides the token into batch and position and loads the
-# thread's cos and sin, so that the store, at the kernel's end, waits for neither.
-_ROPE_OUT = '''
-o = T.meta_var(tx + e * $W * 32)
-tok = T.meta_var(by * $TOK + T.Cast("int64", o // ($RB // 2)))
-head = T.meta_var((bx * $RT + o % ($RB // 2) // 8) // $TPH)
-p = T.meta_var((bx * $RT + o % ($RB // 2) // 8) % $TPH * 8 + o % 8)'''
-_ROPE_PRE = '''
-rc = T.alloc_buffer(($OPT * 4,), "float16", scope="local")
-ri = T.alloc_buffer(($OPT * 2,), "int64", scope="local")
-for e in T.unroll($OPT):
-$OUTIDX
-    if o < $OUT // 2 and tok < m:
-        ri[e * 2] = tok // seq
-        ri[e * 2 + 1] = tok % seq
-        rc[e * 4] = cos[T.min(ri[e * 2], cbs - T.int64(1)), 0, ri[e * 2 + 1], p]
-        rc[e * 4 + 1] = sin[T.min(ri[e * 2], cbs - T.int64(1)), 0, ri[e * 2 + 1], p]
-        rc[e * 4 + 2] = cos[T.min(ri[e * 2], cbs - T.int64(1)), 0, ri[e * 2 + 1], p + $HALF]
-        rc[e * 4 + 3] = sin[T.min(ri[e * 2], cbs - T.int64(1)), 0, ri[e * 2 + 1], p + $HALF]'''
-_STORE_ROPE = '''
-ra = T.alloc_buffer((2,), "float32", scope="local")
-ah = T.alloc_buffer((2,), "float16", scope="local")
-for e in T.unroll($OPT):
-$OUTIDX
-    lo = T.meta_var(o % ($RB // 2) // 8 * 16 + o % 8)
-    bi = T.meta_var(ri[e * 2])
-    si = T.meta_var(ri[e * 2 + 1])
-    if o < $OUT // 2:
-        if tok < m:
-            ra[0] = T.float32(0)
-            ra[1] = T.float32(0)
-            for w in T.unroll($W):
-                ra[0] = ra[0] + red[w * $OUT + lo * $TOK + o // ($RB // 2)]
-                ra[1] = ra[1] + red[w * $OUT + (lo + 8) * $TOK + o // ($RB // 2)]
-            ah[0] = T.Cast("float16", ra[0])
-            ah[1] = T.Cast("float16", ra[1])
-$PIECES'''
-_ROPE_PIECE = '''
-            if head >= $LO and head < $LO + $H:
-$BODY'''
-_ROPE_COPY = '''                o$I[bi, head - $LO, si, p] = ah[0]
-                o$I[bi, head - $LO, si, p + $HALF] = ah[1]'''
-_ROPE_ROTATE = '''                o$I[bi, head - $LO, si, p] = $SL(ah[0] * rc[e * 4] + (T.float16(0) - ah[1]) * rc[e * 4 + 1])$SR
-                o$I[bi, head - $LO, si, p + $HALF] = $SL(ah[1] * rc[e * 4 + 2] + ah[0] * rc[e * 4 + 3])$SR'''
 
-
-def _rope_outputs(rope: dict) -> tuple:
-    """signature()'s `outputs` for a rope copy: cos, sin [cb, 1, s, d] and one [b, H, s, d] per piece."""
-    d = rope["d"]
-    params = "c_h: T.handle, s_h: T.handle, " + ", ".join(f"o{i}_h: T.handle" for i in range(len(rope["pieces"])))
-    bind = ["    bsz = T.int64()", "    seq = T.int64()", "    cbs = T.int64()",
-            f'    cos = T.match_buffer(c_h, (cbs, T.int64(1), seq, T.int64({d})), "float16")',
-            f'    sin = T.match_buffer(s_h, (cbs, T.int64(1), seq, T.int64({d})), "float16")']
-    bind += [f'    o{i} = T.match_buffer(o{i}_h, (bsz, T.int64({pc["heads"]}), seq, T.int64({d})), "float16")'
-             for i, pc in enumerate(rope["pieces"])]
-    return params, bind
-
-
-def _rope_store(rope: dict, fields: dict) -> str:
-    pieces = []
-    for i, pc in enumerate(rope["pieces"]):
-        scale = pc.get("scale")
-        f = dict(I=i, LO=pc["col"] // rope["d"], H=pc["heads"], HALF=rope["d"] // 2,
-                 SL="(" if scale is not None else "", SR=f") * T.float16({float(scale)!r})" if scale is not None else "")
-        body = Template(_ROPE_ROTATE if pc["rope"] else _ROPE_COPY).substitute(f)
-        pieces.append(Template(_ROPE_PIECE).substitute(f, BODY=body))
-    return Template(_STORE_ROPE).substitute(fields, OUTIDX=_rope_out(rope, fields), PIECES="".join(pieces))
-
-
-def _rope_out(rope: dict, fields: dict) -> str:
-    """The output index fields of loop e (o, tok, head, p), indented for the loop's body."""
-    return indent(Template(_ROPE_OUT).substitute(fields, TPH=rope["d"] // 16), 4)
-
-
-def _rope_pre(rope: dict, fields: dict) -> str:
-    return Template(_ROPE_PRE).substitute(fields, OUTIDX=_rope_out(rope, fields), HALF=rope["d"] // 2)
-
-
-def takes_rope(rope: dict, n: int) -> bool:
-    """Whether a rope copy can write these heads: head dim a multiple of 16 (a 16-row tile holds 8 dims of
-    each half of one head), every output whole heads of the projection, fp16 throughout."""
-    d = rope["d"]
-    return (d % 16 == 0 and n % d == 0 and rope["dtype"] == "float16"
-            and all(pc["col"] % d == 0 and pc["col"] + pc["heads"] * d <= n and pc["dtype"] == "float16"
-                    for pc in rope["pieces"]))
-
-
-def _row(n: int, rt: int, swiglu: bool, d: int = 0) -> str:
+def _row(n: int, rt: int, swiglu: bool) -> str:
     """The row of W that lane row r of half h (rows r / r + 8 of the mma tile) of row tile rt of block bx
     reads. SwiGLU: row r of the block's 8-row gate slice (h = 0, W's rows [0, N/2)) or of the up slice
     (h = 1, N/2 + the same): one 16-row tile holds the gate and up rows of 8 outputs, so the block's
-    partial sums pair them with no weight re-layout. Rope (d > 0): the two rows a rotation pairs."""
+    partial sums pair them with no weight re-layout."""
     if swiglu:
         return f"h * {n // 2} + bx * {8 * rt} + rt * 8 + r"
-    if d:  # rope (head dim d): tile tau holds dims 8 (tau % (d/16)) + r and that + d/2 of head tau // (d/16)
-        tau = f"(bx * {rt} + rt)"
-        return f"{tau} // {d // 16} * {d} + {tau} % {d // 16} * 8 + h * {d // 2} + r"
     return f"bx * {16 * rt} + rt * 16 + h * 8 + r"
 
 
-def gemv_mma_func(attrs: dict, rows: int, cfg: Config, rope: dict | None = None):
-    """The tensor-core GEMV PrimFunc for one int4 spec and token bucket (m <= rows), or None. rope
-    (compiler/fuse_qkv_rope.py): {"d": head dim, "dtype": of cos / sin, "pieces": [{"col", "heads",
-    "dtype", "rope", "scale"}]}: the kernel takes cos, sin and writes the heads instead of y."""
+def gemv_mma_func(attrs: dict, rows: int, cfg: Config):
+    """The tensor-core GEMV PrimFunc for one int4 spec and token bucket (m <= rows), or None."""
     n, k, g = int(attrs["n"]), int(attrs["k"]), int(attrs["group_size"])
     sym, bias = bool(attrs["symmetric"]), bool(attrs["has_bias"])
     rt = cfg.row_tiles
@@ -405,33 +309,27 @@ def gemv_mma_func(attrs: dict, rows: int, cfg: Config, rope: dict | None = None)
     if not takes(attrs, "sm_80") or rows > 16 or n % (16 * rt) or cfg.warps < 1 or cfg.chunks < 1:
         return None
     swiglu = is_swiglu(attrs)
-    if (swiglu or rope) and (bias or not sym):
-        return None  # not built: Llama's gate/up and q/k/v projections have neither
-    if rope and (swiglu or not takes_rope(rope, n) or (rope["d"] // 16) % rt):
-        return None
+    if swiglu and (bias or not sym):
+        return None  # not built: Llama's gate/up projections have neither
     tt = 1 if rows <= 8 else 2
     tok, rb, c = 8 * tt, 16 * rt, k // CHUNK
     out = rb * tok
-    row = _row(n, rt, swiglu, rope["d"] if rope else 0)
+    row = _row(n, rt, swiglu)
     zero = "T.float16(8)" if sym else f"zeros[{row}, c * {CHUNK} // {g}]"
     val = f'T.Cast("float32", bias[bx * {rb} + o % {rb}]) + s[0]' if bias else "s[0]"
     fields = dict(
         K=k, G=g, C=c, CHUNK=CHUNK, TT=tt, TOK=tok, W=cfg.warps, RT=rt,
         U=cfg.chunks, ITERS=math.ceil(c / (cfg.chunks * cfg.warps)), RB=rb, NBLK=n // rb, OUT=out,
-        OPT=math.ceil(out // (2 if swiglu or rope else 1) / (32 * cfg.warps)), ROW=row, ZERO=zero, VAL=val,
-        SIGNATURE=signature("gemv_mma", attrs, n // 2 if swiglu else n, _rope_outputs(rope) if rope else None),
-        HELPERS=repr(_HELPERS))
+        OPT=math.ceil(out // (2 if swiglu else 1) / (32 * cfg.warps)), ROW=row, ZERO=zero, VAL=val,
+        SIGNATURE=signature("gemv_mma", attrs, n // 2 if swiglu else n), HELPERS=repr(_HELPERS))
     fields["WLOAD"] = _weight_load(cfg.loads, row, k // 8)
-    store = _rope_store(rope, fields) if rope else Template(_STORE_SWIGLU if swiglu else _STORE).substitute(fields)
-    fields["STORE"] = indent(store, 16)
+    fields["STORE"] = indent(Template(_STORE_SWIGLU if swiglu else _STORE).substitute(fields), 16)
     stages = []
     for it in range(fields["ITERS"] + 1):  # see _LOAD / _MATH
         if it < fields["ITERS"]:
             stages.append(_LOAD.substitute(fields, IT=it, BUF=it % 2))
         if it == 0:  # the first group's weights are in flight before x, the previous kernel's output
             stages.append(GRID_WAIT)
-            if rope:
-                stages.append(_rope_pre(rope, fields))
         if it >= 1:
             stages.append(_MATH.substitute(fields, IT=it - 1, BUF=(it - 1) % 2))
     src = _KERNEL.substitute(fields, PIPELINE=indent("\n".join(stages), 16))

@@ -44,25 +44,25 @@ def indent(text: str, n: int) -> str:
     return "\n".join(" " * n + line if line.strip() else line for line in text.strip("\n").split("\n"))
 
 
-def signature(name: str, attrs: dict, n_out: int | None = None, outputs: tuple | None = None) -> str:
+def signature(name: str, attrs: dict, n_out: int | None = None) -> str:
     """The TVMScript head every template kernel shares, for one int4 spec (the "nibble.int4" attr): the
     int4 PrimFunc's parameters (x, qweight, scales[, zeros][, bias], y; compiler/int4_kernel.py), its
-    symbolic token count m, and x and y bound to m (y: n_out features, default N). `outputs` replaces y:
-    (the parameters' text, the lines that bind them). The kernel's body follows, indented 4 spaces."""
+    symbolic token count m, and x and y bound to m (y: n_out features, default N). The kernel's body
+    follows, indented 4 spaces."""
     n, k, g, xd = int(attrs["n"]), int(attrs["k"]), int(attrs["group_size"]), str(attrs["x_dtype"])
     extra = ""
     if not attrs["symmetric"]:
         extra += f' zeros: T.Buffer((T.int64({n}), T.int64({k // g})), "float16"),'
     if attrs["has_bias"]:
         extra += f' bias: T.Buffer((T.int64({n}),), "{xd}"),'
-    params, bind = outputs or ("y_h: T.handle", [f'    y = T.match_buffer(y_h, (m, T.int64({n_out or n})), "{xd}")'])
     return "\n".join([
         "@T.prim_func",
         f'def {name}(x_h: T.handle, qweight: T.Buffer((T.int64({n}), T.int64({k // 8})), "uint32"),',
-        f'{" " * (len(name) + 5)}scales: T.Buffer((T.int64({n}), T.int64({k // g})), "float16"),{extra} {params}):',
+        f'{" " * (len(name) + 5)}scales: T.Buffer((T.int64({n}), T.int64({k // g})), "float16"),{extra} y_h: T.handle):',
         '    T.func_attr({"tirx.noalias": True})',
         "    m = T.int64()",
-        f'    x = T.match_buffer(x_h, (m, T.int64({k})), "{xd}")', *bind])
+        f'    x = T.match_buffer(x_h, (m, T.int64({k})), "{xd}")',
+        f'    y = T.match_buffer(y_h, (m, T.int64({n_out or n})), "{xd}")'])
 
 
 # The split-K reduction: one thread per 4 outputs, the S fp32 partials summed in slice order (all S
