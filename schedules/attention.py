@@ -49,11 +49,13 @@ class Config:
 
 
 DEFAULT = Config()
-# The long-cache variant (fuse_attention dispatches to it past SPLIT_FROM keys): 16 blocks per row, so
-# 32 heads x 1 row make 512 blocks, and each walks 1/16 of the cache. H200 (h200_attention.md): at
-# T = 4096 the one-block-per-row kernel took 58 us, 2.2x torch SDPA's flash-decoding.
-SPLIT = Config(warps=4, splits=16)
-SPLIT_FROM = 512  # keys (T) above which the split variant runs
+# The long-cache variant (fuse_attention dispatches to it past SPLIT_FROM keys): 8 blocks per row, so
+# 32 heads x 1 row make 256 blocks, and each walks 1/8 of the cache. H200, 32 heads x 128, GPU us per
+# call with the combine kernel (h200_attention_splits.md): 8 blocks of 4 warps beat 16 of 4 at every T
+# from 128 to 4096 (7.62 vs 9.12 at 512, 9.41 vs 10.98 at 1024, 25.66 vs 29.73 at 4096) and the one-block
+# kernel from 384 (7.33 vs 9.31); at 256 they tie (7.23 vs 7.07), so up to 256 keys the one-block kernel runs.
+SPLIT = Config(warps=4, splits=8)
+SPLIT_FROM = 256  # keys (T) above which the split variant runs
 
 _KERNEL = Template('''
 @T.prim_func

@@ -57,11 +57,11 @@ def _calls(func):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("s,t", [(1, 1), (1, 37), (1, 300), (3, 256), (16, 70), (20, 40),
+@pytest.mark.parametrize("s,t", [(1, 1), (1, 37), (1, 257), (1, 300), (3, 256), (16, 70), (20, 40),
                                  (1, 513), (2, 1000), (1, 4100)])
 def test_attention_on_cuda_matches_reference(tmp_path, s, t):
-    """s <= 16 runs the fused kernel (past SPLIT_FROM = 512 keys its split variant: at 513 most of the
-    16 blocks of a row get no keys), s = 20 the op chain; all against float64, with masked keys, a fully
+    """s <= 16 runs the fused kernel (past SPLIT_FROM = 256 keys its split variant: at 257 most of the
+    8 blocks of a row get few keys), s = 20 the op chain; all against float64, with masked keys, a fully
     masked row (output 0) and two batch rows."""
     import nibble
 
