@@ -28,7 +28,7 @@ def main():
 
     import compiler.fuse_attention as fa
     import nibble
-    from bench_attention import DIM, HEADS, gpu_us
+    from bench_attention import DIM, HEADS, decode_inputs, gpu_us
     from schedules.attention import Config
     from tests import models
 
@@ -49,11 +49,7 @@ def main():
             fa.SPLIT_FROM, fa.SPLIT = keep
     rows = []
     for t in LENGTHS:
-        g = torch.Generator(device="cuda").manual_seed(t)
-        q = torch.randn(1, HEADS, 1, DIM, dtype=torch.float16, device="cuda", generator=g)
-        k, v = (torch.randn(1, HEADS, t, DIM, dtype=torch.float16, device="cuda", generator=g) for _ in range(2))
-        mask = torch.ones(1, 1, 1, t, dtype=torch.bool, device="cuda")
-        mask[..., : t // 4] = False
+        q, k, v, mask = decode_inputs(t)
         ref = loaded["base"](q=q, k=k, v=v, mask=mask).float()
         row = {"T": t}
         for name, m in loaded.items():

@@ -45,6 +45,20 @@ def gpu_us(fn, steps=20):
     return per[len(per) // 2]
 
 
+def decode_inputs(t: int):
+    """q [1, H, 1, D], K and V [1, H, t, D] fp16 (seeded by t) and a [1, 1, 1, t] mask with its first
+    quarter masked (left padding, as the padded decode cache has)."""
+    import torch
+
+    g = torch.Generator(device="cuda").manual_seed(t)
+    q = torch.randn(1, HEADS, 1, DIM, dtype=torch.float16, device="cuda", generator=g)
+    k = torch.randn(1, HEADS, t, DIM, dtype=torch.float16, device="cuda", generator=g)
+    v = torch.randn(1, HEADS, t, DIM, dtype=torch.float16, device="cuda", generator=g)
+    mask = torch.ones(1, 1, 1, t, dtype=torch.bool, device="cuda")
+    mask[..., : t // 4] = False
+    return q, k, v, mask
+
+
 def copy_gbps():
     import torch
 
@@ -102,12 +116,7 @@ def main():
     bw = copy_gbps()
     rows = []
     for t in LENGTHS:
-        g = torch.Generator(device="cuda").manual_seed(t)
-        q = torch.randn(1, HEADS, 1, DIM, dtype=torch.float16, device="cuda", generator=g)
-        k = torch.randn(1, HEADS, t, DIM, dtype=torch.float16, device="cuda", generator=g)
-        v = torch.randn(1, HEADS, t, DIM, dtype=torch.float16, device="cuda", generator=g)
-        mask = torch.ones(1, 1, 1, t, dtype=torch.bool, device="cuda")
-        mask[..., : t // 4] = False  # left padding, as the padded decode cache has
+        q, k, v, mask = decode_inputs(t)
         out = measure(q, k, v, mask, fused, chain)
         floor_us = 2 * k.numel() * 2 / (bw * 1e3)
         rows.append({"T": t, "floor_us": floor_us, **out})

@@ -375,10 +375,9 @@ def phase_nibble(args, res):
             setattr(mod, attr, keep)
         # the two CUDA-graph decodes again, alternating, so neither gets the GPU's better minutes
         import nibble
-
-        arts = {"nibble": Path(args.work, "model.nibble"), key: Path(args.work, f"model_{args.compare}.nibble")}
         from compiler.generate import Generator
 
+        arts = {"nibble": Path(args.work, "model.nibble"), key: Path(args.work, f"model_{args.compare}.nibble")}
         models = {k: nibble.load(a, device=DEV) for k, a in arts.items()}
         for k, a in arts.items():  # and each in plain stream order (no programmatic edges)
             models[f"{k}_full_edges"] = m = nibble.load(a, device=DEV)

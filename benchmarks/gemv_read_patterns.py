@@ -43,7 +43,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 SHAPES = [(4096, 12288), (4096, 4096), (4096, 22016), (11008, 4096)]  # Llama-2-7B (K, N)
-ROTATE_BYTES = 180 * 2**20
 _MMA = re.compile(r"(nb_mma_16816\(float\* c, [^{]*\{).*?\n\}", re.S)
 _DQ = re.compile(r"(void nb_mma_dq\([^{]*\{).*?\n\}", re.S)
 _CHUNK = re.compile(r"(void nb_mma_chunk\([^{]*\{).*?\n\}", re.S)
@@ -428,7 +427,7 @@ def main():
     import torch
     import tvm
 
-    from bench_linear import graph_time
+    from bench_linear import ROTATE_BYTES, graph_time
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")

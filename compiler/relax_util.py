@@ -65,8 +65,7 @@ def rewrite_main(mod: tvm.IRModule, rewriter, func_name: str | None = None) -> t
     """mod with mod[func_name]'s body (default: every entry function's) visited by `rewriter` (a
     PyExprMutator over mod whose builder holds any functions it added, counting its rewrites in
     `.count`, seeing the visited function's var use counts in `.uses` and its parameters in `.params`);
-    dead code dropped if it
-    rewrote any."""
+    dead code dropped if it rewrote any."""
     names = [func_name] if func_name else entry_names(mod)
     bodies = {}
     for name in names:
