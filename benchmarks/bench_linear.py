@@ -63,6 +63,18 @@ WGMMA_VARIANTS = {f"t{t}w{w}m1s4" + (f"k{k}" if k > 1 else ""): dict(tokens=t, w
                                   (64, 1, 1), (64, 1, 2), (64, 1, 4), (64, 2, 1), (64, 2, 2), (64, 2, 4),
                                   (128, 1, 1), (128, 1, 2), (128, 2, 1), (128, 2, 2), (128, 2, 4), (128, 2, 8),
                                   (256, 2, 2), (256, 2, 4))}
+# one token tile for a whole ~200-token prompt (208 = 13 x 16 tokens; or 256) with its ring depth s, so that
+# each W row block is read once there: 128-token tiles read it twice at m = 200
+WGMMA_VARIANTS.update({f"t{t}w{w}m1s{s}" + (f"k{k}" if k > 1 else ""): dict(tokens=t, warpgroups=w, stages=s, split_k=k)
+                       for t, w, s, k in ((208, 1, 4, 1), (208, 1, 4, 2), (208, 1, 3, 1), (208, 2, 3, 1),
+                                          (208, 2, 4, 1), (208, 2, 4, 2), (256, 1, 4, 1), (256, 1, 4, 2),
+                                          (256, 2, 4, 1))})
+# the per-thread cp.async staging of x and W (Config.tma=False, the kernel before TMA) on the defaults' tiles
+# and TMA with one x box for the whole token tile (x{tokens}: the box's rows past m zero-filled by TMA)
+WGMMA_VARIANTS.update({"t256w2m1s4cp": dict(tma=False), "t128w1m1s4cp": dict(tokens=128, warpgroups=1, tma=False),
+                       "t128w2m1s4k2cp": dict(tokens=128, split_k=2, tma=False),
+                       "t256w2m1s4x256": dict(x_rows=256), "t128w1m1s4x128": dict(tokens=128, warpgroups=1, x_rows=128),
+                       "t128w2m1s4k4": dict(tokens=128, split_k=4), "t64w2m1s4k2": dict(tokens=64, split_k=2)})
 VARIANT_SETS = {"mma": MMA_VARIANTS, "wgmma": WGMMA_VARIANTS}  # per copy kind
 VARIANTS_ENV = "NIBBLE_BENCH_VARIANTS"  # --variants, for the compile workers
 

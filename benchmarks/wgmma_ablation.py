@@ -59,14 +59,16 @@ ABLATIONS = {
 
 
 def parse_config(text):
-    """"t256w2m1s4" (optionally "k2": K slices) -> gemm_wgmma.Config: the inverse of Config.label."""
+    """"t256w2m1s4" (optionally "k2": K slices, "x16": small x boxes, "cp": cp.async staging) ->
+    gemm_wgmma.Config: the inverse of Config.label."""
     from schedules.gemm_wgmma import Config
 
-    t, w, mt, s, k = re.fullmatch(r"t(\d+)w(\d+)m(\d+)s(\d+)(?:k(\d+))?", text).groups()
-    return Config(tokens=int(t), warpgroups=int(w), m_tiles=int(mt), stages=int(s), split_k=int(k or 1))
+    t, w, mt, s, k, x, cp = re.fullmatch(r"t(\d+)w(\d+)m(\d+)s(\d+)(?:k(\d+))?(?:x(\d+))?(cp)?", text).groups()
+    return Config(tokens=int(t), warpgroups=int(w), m_tiles=int(mt), stages=int(s), split_k=int(k or 1),
+                  x_rows=int(x or Config.x_rows), tma=not cp)
 
 
-def build(k, n, ablation, out_dir, config="t256w2m1s4"):
+def build(k, n, ablation, out_dir, config="t256w2m1s4cp"):
     import tvm
 
     from compiler.cuda import ensure_cuda_runtime, register_nvcc_callback
@@ -105,7 +107,8 @@ def main():
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", default=".")
-    ap.add_argument("--configs", default="t256w2m1s4", help="comma-separated configs, e.g. t128w2m2s4")
+    ap.add_argument("--configs", default="t256w2m1s4cp", help="comma-separated configs, e.g. t128w2m2s4 (the "
+                    "ablations edit the cp.async staging: 'cp' configs, as measured in h200_wgmma_ablation.md)")
     args = ap.parse_args()
     tmp = tempfile.mkdtemp()
     rows = []

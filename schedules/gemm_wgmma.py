@@ -15,20 +15,26 @@ same roles).
 Per thread block: WG warpgroups (128 threads each) own MT 64-row tiles of W each (BN = 64 WG MT rows
 of N), all on the same BT tokens (BT = wgmma's n, <= 256, so one instruction covers the token tile); K,
 or with split_k = SPLIT > 1 this block's slice of it (blockIdx.z), is walked in 64-k blocks through an
-S-stage cp.async ring in shared memory:
+S-stage ring in shared memory, filled by TMA (Config.tma; else by per-thread cp.async, the kernel before):
+thread 0 arms the stage's mbarrier with its byte count and issues the stage's tensor copies, every thread
+waits on the barrier's phase. The tensor maps are encoded on the host at each call and passed as
+__grid_constant__ kernel parameters (TVM's tensormap_encode_tiled).
   * x tile: BT token rows x 128 B (64 fp16 k), in wgmma's canonical K-major 128 B-swizzled layout
-    (16 B chunk c of row n at n * 128 + (c ^ n % 8) * 16, 1 KiB-aligned atoms); rows past m are
-    zero-filled by cp.async (src-size 0). The descriptor: start address, stride 1 KiB between 8-row
-    groups, swizzle mode 128 B; the 4 k16 steps of a block add 32 B to the start address.
-  * W tile: BN rows x 32 B of packed words (8 words = 64 k per row), one 16 B cp.async per thread.
+    (16 B chunk c of row n at n * 128 + (c ^ n % 8) * 16, 1 KiB-aligned atoms), which is TMA's 128 B
+    swizzle. A tile at least 3/4 full of tokens < m comes in one box, a smaller one in boxes of x_rows
+    rows up to m (TMA fills a box's rows past m with zeros, slowly; cp.async zero-fills them by
+    src-size 0). The descriptor: start address, stride 1 KiB between 8-row groups, swizzle mode 128 B;
+    the 4 k16 steps of a block add 32 B to the start address.
+  * W tile: BN rows x 32 B of packed words (8 words = 64 k per row): TMA boxes of up to 256 rows (or one
+    16 B cp.async per thread).
   * A fragment (the mma.sync m16n8k16 A layout, per warp 16 rows): lane (r = lane / 4, t = lane % 4)
     holds rows r, r + 8 at k 2t, 2t+1 and 2t+8, 2t+9 of the k16 step: byte t of the step's two words.
     A byte-permute puts byte t in both fp16 halves, one LOP3 masks (lo, 16 hi) and ORs the 0x6400
     magic, one HFMA2 (* (1, 1/16) - (1024 + z, 64 + z)) gives the exact (lo - z, hi - z), one HMUL2 the
     group scale: the PrimFunc's fp16 (q - z) * s, bit for bit. 4 instructions per 2 weights, each
     weight then used by BT tokens.
-  * pipeline: per 64-k block, wait for its copies, fence the async proxy (wgmma reads what cp.async
-    wrote), one barrier, issue the copies of the block S - 2 ahead, decode this block's 4 A fragments
+  * pipeline: per 64-k block, wait for its copies (the stage's mbarrier; or cp.async's group, then a
+    fence of the async proxy, as wgmma reads what cp.async wrote), one barrier, issue the copies of the block S - 2 ahead, decode this block's 4 A fragments
     (into one of two register buffers), issue its 4 wgmmas and commit them, then wait until only these
     are in flight: the previous block's wgmmas overlap this block's barrier and decode. The barrier of
     the next block then proves every warpgroup is done with the ring slot the next copies overwrite.
@@ -41,15 +47,16 @@ S-stage cp.async ring in shared memory:
     sums the slices in order, adds the bias and rounds. Slices are whole 128-k pairs; one that starts
     inside a group (groups > 128) loads that group's scales first.
 Accumulation is fp32 throughout. Knobs in Config, per-arch defaults in DEFAULTS (tile by token bucket
-and N, K split by a rule: about one block per SM at m = the bucket's bound); `nibble tune` searches
+and N, K split by a rule: about one block per SM at m = the bucket's bound, at least the table's); `nibble tune` searches
 SPACE. The kernel body is CUDA (a helper called from a one-statement TIR
 launch), as the asm operands of wgmma (BT / 2 accumulator registers) have no TIR spelling. nvcc
 builds it for sm_90a (compiler/cuda.py).
 
-Measured on the H200 (benchmarks/results/README.md): 0.79-0.85x cuBLAS fp16 at 2048 tokens (~600-660
-TFLOP/s, 2x the mma.sync GEMM), 0.56-0.78x at 200, 1.08-1.47x at 32. Not yet: x by TMA (its cp.async
-copies are the largest removable part: h200_wgmma_ablation.md), a warp-specialized producer with
-mbarriers (the loads and the decode overlap the wgmmas only in part), a persistent grid.
+Measured on the H200 (benchmarks/results/h200_wgmma_tma.md): TMA staging took the 2048-token GEMM from
+0.79-0.88x cuBLAS fp16 to 0.91-1.15x (cp.async's copies were its largest removable part:
+h200_wgmma_ablation.md); 0.63-0.79x at 200 tokens. Not yet: a warp-specialized producer (thread 0 issues
+the copies and also computes: each extra TMA issue per stage costs its warpgroup time), a persistent grid
+(at ~200 tokens a grid of one or two partial waves).
 """
 from __future__ import annotations
 
@@ -59,7 +66,7 @@ from string import Template
 from .template import ATTR, ROWS_ATTR, TemplateRule, indent, signature, split_k_reduce
 
 BK = 64  # k per ring stage: one 128 B swizzle atom of fp16 x per token row
-VERSION = 2  # bump when the kernel changes meaning: tuning records of other versions are ignored
+VERSION = 3  # bump when the kernel changes meaning: tuning records of other versions are ignored
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +77,15 @@ class Config:
     # BN rows, so more rows per block means less x traffic; MT BT / 2 fp32 accumulators per thread)
     stages: int = 4  # S: cp.async ring depth; S - 2 blocks of 64 k in flight beyond the one computed
     split_k: int = 1  # K slices over blockIdx.z (fp32 partials + a reduction kernel) for grids of few blocks
+    tma: bool = True  # stage x and W by TMA (one thread, mbarrier per stage) instead of per-thread cp.async
+    x_rows: int = 32  # TMA: token rows per small x box. A token tile less than 3/4 full loads its rows < m in
+    # small boxes, a fuller one in one box of the whole tile (rows past m: zeros, slow for TMA to fill)
+
+    @property
+    def x_box(self) -> int:
+        """Token rows per small x TMA box: x_rows where it divides the tile, else 16 (tokens are a multiple of
+        16), so the small boxes of a partial tile stay inside it."""
+        return self.x_rows if self.tokens % self.x_rows == 0 else 16
 
     @property
     def rows(self) -> int:
@@ -77,13 +93,16 @@ class Config:
 
     def label(self) -> str:
         return (f"t{self.tokens}w{self.warpgroups}m{self.m_tiles}s{self.stages}"
-                + (f"k{self.split_k}" if self.split_k > 1 else ""))
+                + (f"k{self.split_k}" if self.split_k > 1 else "")
+                + (f"x{self.x_rows}" if self.tma and self.x_rows != Config.x_rows else "") + ("" if self.tma else "cp"))
 
     def check(self) -> str | None:
         if self.tokens % 16 or not 16 <= self.tokens <= 256:
             return "tokens must be a multiple of 16 in [16, 256] (wgmma n; the epilogue stores 16 at a time)"
         if self.warpgroups not in (1, 2, 3, 4) or self.m_tiles not in (1, 2):
             return "warpgroups must be 1..4, m_tiles 1 or 2"
+        if self.tma and (self.x_rows % 16 or self.x_rows > 256):
+            return "x_rows must be a multiple of 16 up to 256 (whole 1 KiB swizzle atoms per box)"
         if self.stages < 3:
             return "stages must be >= 3"
         if self.split_k < 1:
@@ -94,7 +113,7 @@ class Config:
         return None
 
     def smem_bytes(self) -> int:
-        ring = self.stages * (self.tokens * 128 + self.rows * 32)
+        ring = self.stages * (self.tokens * 128 + self.rows * 32) + (8 * self.stages if self.tma else 0)  # + mbarriers
         return max(ring, self.tokens * _tile_row_bytes(self)) + 1024  # + alignment slack
 
 
@@ -107,9 +126,9 @@ def _tile_row_bytes(cfg: Config) -> int:
 @dataclasses.dataclass(frozen=True)
 class ArchConfig:
     """Per-arch defaults: by the copy's token bound R (compiler/dispatch.py; None = unbounded) and N, the
-    tile: ((max R, ((max N, Config), ...)), ...), both by increasing bound. The K split is a rule, not a
-    table entry: a bounded copy whose grid at m = R has B < sms blocks splits K into round(sms / B)
-    slices (at most split_max), so the grid holds about one block per SM."""
+    tile: ((max R, ((max N, Config), ...)), ...), both by increasing bound. The K split is mostly a rule:
+    a bounded copy whose grid at m = R has B < sms blocks splits K into round(sms / B) slices (at most
+    split_max), so the grid holds about one block per SM; a table entry's split_k is a floor."""
 
     by_rows: tuple
     sms: int = 132
@@ -127,11 +146,15 @@ class ArchConfig:
 #  * m <= 1024: N = 4096 wants 128-token tiles (m = 512: 37.5 vs 52.8 us, 11008->4096 114.9 vs 137.8),
 #    wider N the 256-token, 128-row tile (4096->22016: 164.3 vs 232.5).
 #  * larger m: 256 tokens x 128 rows (m = 2048: 113.8 us on 4096->4096 vs 153.4 with 128 tokens).
+# With TMA staging (h200_wgmma_tma.md, sweep 2) the same tiles held, two splits moved up: m <= 32 on wide N
+# splits K in 2 (4096->12288 20.6 vs 27.0 us, 4096->22016 32.2 vs 36.0), m = 129..256 on N = 4096 in 4
+# (m = 128 / 200 / 256: 15.4 / 21.3 / 22.4 vs 20.4 / 22.6 / 22.1 us; 11008->4096 28.4 / 43.9 / 45.8 vs
+# 45.4 / 52.1 / 48.5).
 _BIG = Config()
 _H200 = ArchConfig(by_rows=(
-    (32, ((4096, Config(tokens=32)), (1 << 30, Config(tokens=32, warpgroups=1)))),
+    (32, ((4096, Config(tokens=32)), (1 << 30, Config(tokens=32, warpgroups=1, split_k=2)))),
     (64, ((4096, Config(tokens=64)), (1 << 30, Config(tokens=64, warpgroups=1)))),
-    (256, ((4096, Config(tokens=128)), (1 << 30, Config(tokens=128, warpgroups=1)))),
+    (256, ((4096, Config(tokens=128, split_k=4)), (1 << 30, Config(tokens=128, warpgroups=1)))),
     (1024, ((4096, Config(tokens=128)), (1 << 30, _BIG))),
     (1 << 30, ((1 << 30, _BIG),))))
 DEFAULTS = {"sm_90": _H200}
@@ -139,17 +162,17 @@ DEFAULTS = {"sm_90": _H200}
 
 def default_for(arch: ArchConfig, n: int, rows: int | None) -> Config:
     """The untuned Config of the copy serving m <= rows (None: unbounded) of an N-feature linear: the
-    tile of by_rows, with the split rule's K slices."""
+    tile of by_rows, with the split rule's K slices (at least the entry's)."""
     by_n = next(e for r, e in arch.by_rows if (rows if rows is not None else 1 << 30) <= r)
     cfg = next(c for max_n, c in by_n if n <= max_n)
     if rows is None:
         return cfg
     blocks = -(-rows // cfg.tokens) * max(1, n // cfg.rows)
-    return dataclasses.replace(cfg, split_k=max(1, min(arch.split_max, round(arch.sms / blocks))))
+    return dataclasses.replace(cfg, split_k=max(cfg.split_k, min(arch.split_max, round(arch.sms / blocks))))
 
 
 SPACE = {"tokens": (64, 128, 192, 256), "warpgroups": (1, 2), "m_tiles": (1, 2), "stages": (3, 4, 5),
-         "split_k": (1, 2, 4)}
+         "split_k": (1, 2, 4), "x_rows": (16, 32, 64)}
 MAX_SMEM = 227 * 1024
 
 
@@ -190,6 +213,25 @@ __forceinline__ __device__ unsigned nbw_pack(float lo, float hi) {
   half2 h = __floats2half2_rn(lo, hi);
   return *reinterpret_cast<unsigned*>(&h);
 }
+// TMA: one thread arms a stage's mbarrier with its byte count and issues the stage's tensor copies; every
+// thread waits for the barrier's phase
+__forceinline__ __device__ void nbw_bar_init(unsigned bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(bar) : "memory");
+}
+__forceinline__ __device__ void nbw_expect(unsigned bar, unsigned bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
+}
+__forceinline__ __device__ void nbw_bar_wait(unsigned bar, unsigned parity) {
+  unsigned done;
+  do {
+    asm volatile("{\n .reg .pred p;\n mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n selp.u32 %0, 1, 0, p;\n}"
+                 : "=r"(done) : "r"(bar), "r"(parity) : "memory");
+  } while (!done);
+}
+__forceinline__ __device__ void nbw_tma2d(unsigned dst, unsigned long long map, int c0, int c1, unsigned bar) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes [%0], [%1, {%2, %3}], [%4];"
+               :: "r"(dst), "l"(map), "r"(c0), "r"(c1), "r"(bar) : "memory");
+}
 __forceinline__ __device__ unsigned long long nbw_desc(unsigned addr) {
   // K-major, 128 B swizzle (layout type 1 in bits 62-63), stride 1 KiB between 8-row groups
   return (1ull << 62) | (64ull << 32) | (1ull << 16) | (unsigned long long)((addr >> 4) & 0x3FFF);
@@ -200,8 +242,11 @@ __forceinline__ __device__ unsigned long long nbw_desc(unsigned addr) {
 _BODY = Template(r"""
 __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned* __restrict__ qw,
     const half* __restrict__ sc, const half* __restrict__ zr, const half* __restrict__ bias,
-    half* __restrict__ y, void* ws_, unsigned char* smem, long long m, int bx, int by, int bz, int tid) {
+    half* __restrict__ y, void* ws_, unsigned char* smem, long long m, int bx, int by, int bz, int tid,
+    unsigned long long xmap, unsigned long long xsmap, unsigned long long wmap) {
   constexpr int K = $K, N = $N, G = $G, NG = K / G, KW = K / 8, BT = $BT, WG = $WG, MT = $MT, SPLIT = $SPLIT;
+  constexpr bool TMA = $TMA;  // x and W staged by TMA (the tensor maps' addresses: x in boxes of BT / XR rows,
+  constexpr int XR = $XR;    // W), else by cp.async
   constexpr int S = $S, BN = 64 * WG * MT, THREADS = 128 * WG, XST = BT * 128, STAGE = XST + BN * 32;
   constexpr int PAIRS = K / 128, YST = $YST, CH = $CH;  // 128-k pairs of blocks; the out tile's bytes /
   // 16 B chunks per token row
@@ -215,8 +260,39 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
   // pair; constants without a split: a known trip count and parity keep the step's branches static)
   const int pbeg = SPLIT == 1 ? 0 : bz * PAIRS / SPLIT, pend = SPLIT == 1 ? PAIRS : (bz + 1) * PAIRS / SPLIT;
   const int kbeg = 2 * pbeg, kend = 2 * pend;
+  const unsigned bars = base + S * STAGE;  // TMA: one mbarrier per ring stage, after the ring
+  if (TMA) {
+    if (tid == 0) {
+#pragma unroll
+      for (int s = 0; s < S; ++s) nbw_bar_init(bars + 8 * s);
+      asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+      asm volatile("prefetch.tensormap [%0];" :: "l"(xmap) : "memory");
+      asm volatile("prefetch.tensormap [%0];" :: "l"(xsmap) : "memory");
+      asm volatile("prefetch.tensormap [%0];" :: "l"(wmap) : "memory");
+    }
+    __syncthreads();
+  }
+  // block kb goes to ring slot (kb - kbeg) % S; with TMA its barrier completes phase (kb - kbeg) / S
   auto load = [&](int kb) {
-    const unsigned st = base + (kb % S) * STAGE;
+    const int i = kb - kbeg;
+    const unsigned st = base + (i % S) * STAGE;
+    if (TMA) {
+      // x: 64 k of the tile's token rows, landing in the 128 B-swizzled layout above, in one box of BT rows
+      // where at least 3/4 of them are < m, else in boxes of XR rows up to m (each box's rows past m read as
+      // zeros: TMA fills them slowly, and each issue delays this thread's warp, which also computes;
+      // h200_wgmma_tma.md); W: BN rows x 32 B in boxes of at most 256 rows
+      if (tid == 0) {
+        const unsigned bar = bars + 8 * (i % S);
+        const int v = (int)min((long long)BT, m - tok0), small = 4 * v < 3 * BT ? (v + XR - 1) / XR : 0;
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the slot's generic reads before
+        nbw_expect(bar, (small ? small * XR : BT) * 128 + BN * 32);
+        if (!small) nbw_tma2d(st, xmap, kb * 64, (int)tok0, bar);
+        for (int j = 0; j < small; ++j) nbw_tma2d(st + j * XR * 128, xsmap, kb * 64, (int)tok0 + j * XR, bar);
+#pragma unroll
+        for (int j = 0; j < (BN + 255) / 256; ++j) nbw_tma2d(st + XST + j * 8192, wmap, kb * 8, bx * BN + j * 256, bar);
+      }
+      return;
+    }
 #pragma unroll
     for (int i = 0; i < (BT * 8 + THREADS - 1) / THREADS; ++i) {
       const int c = tid + i * THREADS, n = c / 8, ch = c % 8;
@@ -240,7 +316,7 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
 #pragma unroll
   for (int i = 0; i < S - 2; ++i) {
     if (kbeg + i < kend) load(kbeg + i);
-    nbw_commit();
+    if (!TMA) nbw_commit();
   }
   half2 s0[MT], s8[MT], z0[MT], z8[MT];
   half q0[MT], q8[MT], e0[MT], e8[MT];  // the group's raw scales / zeros, loaded before the barrier
@@ -258,12 +334,16 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
         e8[mt] = $Z8;
       }
     }
-    nbw_wait<S - 3>();
-    asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
+    if (TMA) {
+      nbw_bar_wait(bars + 8 * ((kb - kbeg) % S), ((kb - kbeg) / S) & 1);
+    } else {
+      nbw_wait<S - 3>();
+      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // wgmma reads what cp.async wrote
+    }
     __syncthreads();
     if (kb + S - 2 < kend) load(kb + S - 2);
-    nbw_commit();
-    const unsigned st = base + (kb % S) * STAGE;
+    if (!TMA) nbw_commit();
+    const unsigned st = base + ((kb - kbeg) % S) * STAGE;
     unsigned w0[MT][8], w8[MT][8];  // this lane's two rows' 8 words per m-tile
 #pragma unroll
     for (int mt = 0; mt < MT; ++mt) {
@@ -396,7 +476,7 @@ def kernel_source(attrs: dict, cfg: Config) -> tuple[str, str]:
     stage = Template(_STAGE_WS if split else _STAGE_Y).substitute(
         B0="__half2float(bias[ra])" if bias else "0.f", B8="__half2float(bias[rb])" if bias else "0.f")
     body = _BODY.substitute(
-        NAME=name, K=k, N=n, G=g, BT=cfg.tokens, WG=cfg.warpgroups, MT=cfg.m_tiles, S=cfg.stages,
+        NAME=name, K=k, N=n, G=g, TMA=int(cfg.tma), XR=cfg.x_box, BT=cfg.tokens, WG=cfg.warpgroups, MT=cfg.m_tiles, S=cfg.stages,
         SPLIT=cfg.split_k, YST=_tile_row_bytes(cfg), WGMMA=_wgmma_asm(cfg.tokens),
         Z0=zero or "zr[ra * NG + gi]", Z8=zero or "zr[rb * NG + gi]",
         CH=cfg.rows * (4 if split else 2) // 16, STAGE_OUT=stage.strip("\n"),
@@ -409,6 +489,7 @@ def kernel_source(attrs: dict, cfg: Config) -> tuple[str, str]:
 _KERNEL = Template('''
 $SIGNATURE
 $WS
+$MAPS
     for bz in T.thread_binding($SPLIT, thread="blockIdx.z"):
         for by in T.thread_binding((m + T.int64($BT - 1)) // T.int64($BT), thread="blockIdx.y"):
             for bx in T.thread_binding($NBLK, thread="blockIdx.x"):
@@ -417,8 +498,27 @@ $WS
                     T.evaluate(T.cuda.func_call(
                         "$NAME", x.access_ptr("r"), qweight.access_ptr("r"), scales.access_ptr("r"),
                         $ZPTR, $BPTR, y.access_ptr("w"), $WSPTR, smem.access_ptr("rw"), m, bx, by, bz, tx,
-                        source_code=$SRC))
+                        $MAPARGS, source_code=$SRC))
 $REDUCE
+''')
+
+# TMA's tensor maps, encoded on the host at each call (the driver's cuTensorMapEncodeTiled): x [m, K] fp16 in
+# boxes of 64 k x BT (xmap) or x_box (xsmap) tokens with the 128 B swizzle (out-of-range token rows read as
+# zeros), the packed W
+# [N, K/8] words in boxes of 8 words x up to 256 rows; both passed to the kernel as __grid_constant__
+_MAPS = Template('''
+xmap = T.Var("xmap", ty=T.handle("tensormap").ty)
+T.Bind(T.tvm_stack_alloca("tensormap", 1), var=xmap)
+T.tensormap_encode_tiled(xmap, x.data, T.int64($K), m, T.int64($K2), 64, $BT, 1, 1,
+                         descriptor_dtype="float16", rank=2, swizzle=3, l2_promotion=2)
+xsmap = T.Var("xsmap", ty=T.handle("tensormap").ty)
+T.Bind(T.tvm_stack_alloca("tensormap", 1), var=xsmap)
+T.tensormap_encode_tiled(xsmap, x.data, T.int64($K), m, T.int64($K2), 64, $XR, 1, 1,
+                         descriptor_dtype="float16", rank=2, swizzle=3, l2_promotion=2)
+wmap = T.Var("wmap", ty=T.handle("tensormap").ty)
+T.Bind(T.tvm_stack_alloca("tensormap", 1), var=wmap)
+T.tensormap_encode_tiled(wmap, qweight.data, T.int64($KW), T.int64($N), T.int64($KW4), 8, $WBOX, 1, 1,
+                         descriptor_dtype="uint32", rank=2, l2_promotion=2)
 ''')
 
 
@@ -431,7 +531,11 @@ def gemm_wgmma_func(attrs: dict, cfg: Config, arch: str = "sm_90"):
     name, src = kernel_source(attrs, cfg)
     null = 'scales.access_ptr("r")'  # stands in for absent zeros / bias (never read)
     ws, reduce = split_k_reduce(n, cfg.split_k, bias) if cfg.split_k > 1 else ("", "")
+    maps = _MAPS.substitute(K=k, K2=2 * k, KW=k // 8, KW4=k // 2, N=n, BT=cfg.tokens, XR=cfg.x_box, WBOX=min(cfg.rows, 256))
     text = _KERNEL.substitute(
+        MAPS=indent(maps.strip("\n"), 4) if cfg.tma else "",
+        MAPARGS=("T.address_of(xmap), T.address_of(xsmap), T.address_of(wmap)" if cfg.tma
+                 else "T.uint64(0), T.uint64(0), T.uint64(0)"),
         SIGNATURE=signature("gemm_wgmma", attrs), BT=cfg.tokens, NBLK=n // cfg.rows, SPLIT=cfg.split_k,
         THREADS=128 * cfg.warpgroups, SMEM=cfg.smem_bytes(), NAME=name, SRC=repr(src),
         ZPTR=null if sym else 'zeros.access_ptr("r")', BPTR='bias.access_ptr("r")' if bias else null,

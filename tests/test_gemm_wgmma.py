@@ -30,16 +30,18 @@ def test_takes_only_what_it_tiles():
 
 
 def test_default_tile_by_bucket_and_n():
-    """N <= 4096 takes 128-row tiles with K split so that the grid at m = R holds about one block per SM;
-    wider N 64-row tiles unsplit to m = 256; the unbounded copy the 256-token x 128-row tile; a shape the
-    default's rows do not divide falls back to one warpgroup."""
+    """N <= 4096 takes 128-row tiles with K split so that the grid at m = R holds about one block per SM
+    (at least the table's split: 4 to m = 256); wider N 64-row tiles, split 2 at m <= 32, unsplit to
+    m = 256; the unbounded copy the 256-token x 128-row tile; a shape the default's rows do not divide
+    falls back to one warpgroup."""
     from schedules.gemm_wgmma import Config, default_config
 
     def cfg(n, rows=None, k=4096):
         return default_config(_target(), tagged_copy("wgmma", n, k, rows))
 
     assert cfg(4096, 64) == Config(tokens=64, split_k=4)  # 32 blocks of 128 rows
-    assert cfg(4096, 128) == Config(tokens=128, split_k=4) and cfg(4096, 256) == Config(tokens=128, split_k=2)
+    assert cfg(4096, 128) == Config(tokens=128, split_k=4) and cfg(4096, 256) == Config(tokens=128, split_k=4)
+    assert cfg(12288, 32) == Config(tokens=32, warpgroups=1, split_k=2)  # the table's floor over the rule's 1
     assert cfg(12288, 64) == Config(tokens=64, warpgroups=1) and cfg(22016, 256) == Config(tokens=128, warpgroups=1)
     assert cfg(4096, 1024) == Config(tokens=128) and cfg(22016, 1024) == Config()
     assert cfg(4096) == cfg(22016) == Config()
@@ -51,6 +53,7 @@ def test_default_tile_by_bucket_and_n():
     (256, 4096, QuantConfig(), False, {}),
     (128, 512, QuantConfig(64, symmetric=False), True, {"tokens": 208, "warpgroups": 1, "stages": 3}),
     (128, 1024, QuantConfig(), True, {"tokens": 64, "warpgroups": 1, "split_k": 2}),
+    (256, 1024, QuantConfig(), False, {"tma": False}),
 ])
 def test_rule_emits_wgmma_kernel(n, k, cfg, bias, config):
     import tvm
@@ -65,6 +68,8 @@ def test_rule_emits_wgmma_kernel(n, k, cfg, bias, config):
     n_tok = config.get("tokens", 256)
     assert f"wgmma.mma_async.sync.aligned.m64n{n_tok}k16.f32.f16.f16" in src  # built for sm_90a by nvcc
     assert "cp.async.cg.shared.global" in src and "fence.proxy.async.shared::cta" in src
+    # TMA: x (two box sizes) and W tensor maps encoded on the host, passed as kernel parameters
+    assert src.count("__grid_constant__ CUtensorMap") == (6 if config.get("tma", True) else 0)  # decl + def
     split = config.get("split_k", 1) > 1  # fp32 partials over blockIdx.z, then the reduction kernel
     assert ("stmatrix.sync.aligned.m8n8.x4.trans" in src) != split and ("blockIdx.z" in src) == split
     assert GEMMWGMMA().apply(func, tvm.target.Target("llvm"), False) is None
@@ -83,10 +88,12 @@ def test_rule_emits_wgmma_kernel(n, k, cfg, bias, config):
     (4096, QuantConfig(), True, {"tokens": 128, "split_k": 4}),
     # slices of 3 / 3 / 2 pairs: the last two start inside a 256-k group (its scales loaded at the start)
     (1024, QuantConfig(256, symmetric=False), True, {"tokens": 64, "warpgroups": 1, "split_k": 3}),
+    (1024, QuantConfig(128, symmetric=False), True, {"tma": False}),  # cp.async staging
+    (1024, QuantConfig(), False, {"tokens": 128, "warpgroups": 1, "x_rows": 16}),  # up to 6 small x boxes
 ])
 def test_wgmma_numerics_on_gpu(k, cfg, bias, config):
-    """m from 1 past several token tiles (partial last tiles: zero-filled x rows, unstored outputs) against
-    numpy with the dequantized weights: rel. error <= 2e-3."""
+    """m from 1 past several token tiles (partial last tiles: x in one box or in small ones, rows past m
+    zero-filled, their outputs unstored) against numpy with the dequantized weights: rel. error <= 2e-3."""
     import tvm
 
     n = 256
