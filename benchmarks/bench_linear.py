@@ -75,6 +75,10 @@ WGMMA_VARIANTS.update({"t256w2m1s4cp": dict(tma=False), "t128w1m1s4cp": dict(tok
                        "t128w2m1s4k2cp": dict(tokens=128, split_k=2, tma=False),
                        "t256w2m1s4x256": dict(x_rows=256), "t128w1m1s4x128": dict(tokens=128, warpgroups=1, x_rows=128),
                        "t128w2m1s4k4": dict(tokens=128, split_k=4), "t64w2m1s4k2": dict(tokens=64, split_k=2)})
+# 16-token tiles for the 9-16-token bucket (the tensor-core GEMV's mma16 now), with deeper rings: W streams in
+# by TMA, so more stages keep more of it in flight without registers
+WGMMA_VARIANTS.update({f"t16w{w}m1s{s}" + (f"k{k}" if k > 1 else ""): dict(tokens=16, warpgroups=w, stages=s, split_k=k)
+                       for w, s, k in ((1, 4, 4), (1, 6, 2), (1, 8, 1), (1, 8, 2), (1, 8, 4), (2, 8, 2), (2, 8, 4))})
 VARIANT_SETS = {"mma": MMA_VARIANTS, "wgmma": WGMMA_VARIANTS}  # per copy kind
 VARIANTS_ENV = "NIBBLE_BENCH_VARIANTS"  # --variants, for the compile workers
 
