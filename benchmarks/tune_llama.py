@@ -2,6 +2,8 @@
 against the template defaults and TVM's stock dlight schedule.
 
     python benchmarks/tune_llama.py --trials 128 --out DIR      # on the H200; records -> DIR/sm_90.jsonl
+    python benchmarks/tune_llama.py --no-compare ...             # tune only (the comparison takes minutes)
+    python benchmarks/tune_llama.py --compare-only LOG --out DIR # compare LOG's winners, no tuning
 
 Tasks are what `nibble compile` builds for these shapes (fp16 activations, no bias, group 128): the GEMV
 and GEMM token buckets and the unbounded GEMM copy of each linear (compiler/dispatch.py), with the same
@@ -80,6 +82,9 @@ def main():
     ap.add_argument("--trials", type=int, default=128, help="trials for the Llama task set")
     ap.add_argument("--example-trials", type=int, default=40)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
+    ap.add_argument("--no-compare", action="store_true", help="stop after tuning (records in OUT/sm_90.jsonl)")
+    ap.add_argument("--compare-only", metavar="LOG", help="no tuning: time the winners of this records file "
+                    "(compiler.tuning.TuningLog.best) against the defaults and dlight")
     args = ap.parse_args()
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -105,16 +110,23 @@ def main():
     print(json.dumps(meta), flush=True)
 
     mod, tasks = llama_tasks(spec)
-    t0 = time.perf_counter()
-    best = tune(tasks, spec, log, args.trials, out=lambda s: print(s, flush=True))
-    meta["llama_tune_s"] = time.perf_counter() - t0
     meta["llama_tasks"], meta["llama_trials"] = len(tasks), args.trials
-    print(f"Llama task set: {len(tasks)} tasks, {args.trials} trials, {meta['llama_tune_s']:.0f} s", flush=True)
-    if args.example_trials:
-        ex_tasks = example_tasks(spec, out)
+    if args.compare_only:
+        best = TuningLog(Path(args.compare_only), spec).best()
+        meta["llama_tune_s"], meta["records"] = float("nan"), args.compare_only
+    else:
         t0 = time.perf_counter()
-        tune(ex_tasks, spec, log, args.example_trials, out=lambda s: print(s, flush=True))
-        meta["example_tune_s"] = time.perf_counter() - t0
+        best = tune(tasks, spec, log, args.trials, out=lambda s: print(s, flush=True))
+        meta["llama_tune_s"] = time.perf_counter() - t0
+        print(f"Llama task set: {len(tasks)} tasks, {args.trials} trials, {meta['llama_tune_s']:.0f} s", flush=True)
+        if args.example_trials:
+            ex_tasks = example_tasks(spec, out)
+            t0 = time.perf_counter()
+            tune(ex_tasks, spec, log, args.example_trials, out=lambda s: print(s, flush=True))
+            meta["example_tune_s"] = time.perf_counter() - t0
+        (out / "tune_meta.json").write_text(json.dumps(meta, indent=1))
+        if args.no_compare:
+            return
 
     # -- tuned vs defaults vs dlight, per shape and M ---------------------------------------------------
     from compiler.dispatch import copy_name, kernel_for
