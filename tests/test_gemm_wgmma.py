@@ -90,13 +90,16 @@ def test_rule_emits_wgmma_kernel(n, k, cfg, bias, config):
     (1024, QuantConfig(256, symmetric=False), True, {"tokens": 64, "warpgroups": 1, "split_k": 3}),
     (1024, QuantConfig(128, symmetric=False), True, {"tma": False}),  # cp.async staging
     (1024, QuantConfig(), False, {"tokens": 128, "warpgroups": 1, "x_rows": 16}),  # up to 6 small x boxes
+    (512, QuantConfig(), True, {"tokens": 16, "warpgroups": 4, "m_tiles": 2}),  # 512 W rows: two TMA boxes
 ])
 def test_wgmma_numerics_on_gpu(k, cfg, bias, config):
     """m from 1 past several token tiles (partial last tiles: x in one box or in small ones, rows past m
     zero-filled, their outputs unstored) against numpy with the dequantized weights: rel. error <= 2e-3."""
     import tvm
 
-    n = 256
+    from schedules.gemm_wgmma import Config
+
+    n = max(256, Config(**config).rows)
     rng = np.random.default_rng(0)
     parts = quantize(rng.standard_normal((n, k)).astype(np.float32) * 0.02, cfg)
     w = dequantize(parts, k, cfg)
