@@ -75,13 +75,6 @@ WGMMA_VARIANTS.update({"t256w2m1s4cp": dict(tma=False), "t128w1m1s4cp": dict(tok
                        "t128w2m1s4k2cp": dict(tokens=128, split_k=2, tma=False),
                        "t256w2m1s4x256": dict(x_rows=256), "t128w1m1s4x128": dict(tokens=128, warpgroups=1, x_rows=128),
                        "t128w2m1s4k4": dict(tokens=128, split_k=4), "t64w2m1s4k2": dict(tokens=64, split_k=2)})
-# a producer warp issuing the TMA copies against per-stage "empty" barriers (Config.producer), on the defaults'
-# tiles, x in small boxes up to m ("p") or in one box ("x256p")
-WGMMA_VARIANTS.update({"t256w2m1s4p": dict(producer=True), "t256w2m1s4x256p": dict(producer=True, x_rows=256),
-                       "t128w1m1s4p": dict(tokens=128, warpgroups=1, producer=True),
-                       "t128w2m1s4k4p": dict(tokens=128, split_k=4, producer=True),
-                       "t32w1m1s4k2p": dict(tokens=32, warpgroups=1, split_k=2, producer=True),
-                       "t32w2m1s4k4p": dict(tokens=32, split_k=4, producer=True)})
 # 16-token tiles for the 9-16-token bucket (the tensor-core GEMV's mma16 now), with deeper rings: W streams in
 # by TMA, so more stages keep more of it in flight without registers
 WGMMA_VARIANTS.update({f"t16w{w}m1s{s}" + (f"k{k}" if k > 1 else ""): dict(tokens=16, warpgroups=w, stages=s, split_k=k)

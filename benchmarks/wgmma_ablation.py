@@ -50,10 +50,10 @@ ABLATIONS = {
     "no_wgmma": lambda s: _WGMMA.sub("acc[s] += __uint_as_float(ab[mt * 16 + 4 * s] ^ ab[4 * s + 3]) + (float)desc;",
                                      s),
     "no_x": lambda s: s.replace("nbw_cp16(st + n * 128", "if (0) nbw_cp16(st + n * 128"),
-    "no_sync": lambda s: s.replace("      __syncthreads();\n      if (kb + S - 2", "      if (kb + S - 2"),
+    "no_sync": lambda s: s.replace("    __syncthreads();\n    if (kb + S - 2", "    if (kb + S - 2"),
     "no_store": lambda s: s.replace("if (tok0 + n < m) {", "if (tok0 + n < 0) {"),
     # not a removal: the epilogue before the shared-memory tile (scattered 2 B stores from the accumulators)
-    "direct_store": lambda s: re.sub(r"  nbw_wait<0>\(\);\n  sync_compute\(\);\n  // the epilogue.*?\n}\n", _DIRECT,
+    "direct_store": lambda s: re.sub(r"  nbw_wait<0>\(\);\n  __syncthreads\(\);\n  // the epilogue.*?\n}\n", _DIRECT,
                                      s, flags=re.S),
 }
 

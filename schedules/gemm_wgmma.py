@@ -54,9 +54,10 @@ builds it for sm_90a (compiler/cuda.py).
 
 Measured on the H200 (benchmarks/results/h200_wgmma_tma.md): TMA staging took the 2048-token GEMM from
 0.79-0.88x cuBLAS fp16 to 0.91-1.15x (cp.async's copies were its largest removable part:
-h200_wgmma_ablation.md); 0.63-0.79x at 200 tokens. Not yet: a warp-specialized producer (thread 0 issues
-the copies and also computes: each extra TMA issue per stage costs its warpgroup time), a persistent grid
-(at ~200 tokens a grid of one or two partial waves).
+h200_wgmma_ablation.md); 0.67-0.84x at 200 tokens. Thread 0 issues the copies and also computes, so each
+extra TMA issue per stage costs its warpgroup time; a producer warp with "empty" barriers instead ran
+1.2-1.4x slower (h200_wgmma_producer.md). Not yet: a persistent, stream-K grid (at ~200 tokens the grid
+is one or two partial waves).
 """
 from __future__ import annotations
 
@@ -78,8 +79,6 @@ class Config:
     stages: int = 4  # S: cp.async ring depth; S - 2 blocks of 64 k in flight beyond the one computed
     split_k: int = 1  # K slices over blockIdx.z (fp32 partials + a reduction kernel) for grids of few blocks
     tma: bool = True  # stage x and W by TMA (one thread, mbarrier per stage) instead of per-thread cp.async
-    producer: bool = False  # TMA: an extra warp issues the copies, and per-stage "empty" barriers replace the
-    # block barrier (else thread 0, which also computes, issues them after the barrier)
     x_rows: int = 32  # TMA: token rows per small x box. A token tile less than 3/4 full loads its rows < m in
     # small boxes, a fuller one in one box of the whole tile (rows past m: zeros, slow for TMA to fill)
 
@@ -90,19 +89,13 @@ class Config:
         return self.x_rows if self.tokens % self.x_rows == 0 else 16
 
     @property
-    def threads(self) -> int:
-        """Threads per block: the warpgroups, plus the producer warp."""
-        return 128 * self.warpgroups + (32 if self.producer else 0)
-
-    @property
     def rows(self) -> int:
         return 64 * self.warpgroups * self.m_tiles
 
     def label(self) -> str:
         return (f"t{self.tokens}w{self.warpgroups}m{self.m_tiles}s{self.stages}"
                 + (f"k{self.split_k}" if self.split_k > 1 else "")
-                + (f"x{self.x_rows}" if self.tma and self.x_rows != Config.x_rows else "") + ("" if self.tma else "cp")
-                + ("p" if self.producer else ""))
+                + (f"x{self.x_rows}" if self.tma and self.x_rows != Config.x_rows else "") + ("" if self.tma else "cp"))
 
     def check(self) -> str | None:
         if self.tokens % 16 or not 16 <= self.tokens <= 256:
@@ -111,20 +104,17 @@ class Config:
             return "warpgroups must be 1..4, m_tiles 1 or 2"
         if self.tma and (self.x_rows % 16 or self.x_rows > 256):
             return "x_rows must be a multiple of 16 up to 256 (whole 1 KiB swizzle atoms per box)"
-        if self.producer and not self.tma:
-            return "the producer warp issues TMA copies: it needs tma"
         if self.stages < 3:
             return "stages must be >= 3"
         if self.split_k < 1:
             return "split_k must be >= 1"
         regs = self.m_tiles * (self.tokens // 2 + 32) + 40  # accumulators, two A buffers, the rest
-        if regs > 255 or self.threads * regs > 65536:
+        if regs > 255 or self.warpgroups * 128 * regs > 65536:
             return "accumulators exceed the register file"
         return None
 
     def smem_bytes(self) -> int:
-        bars = 8 * self.stages * (2 if self.producer else 1) if self.tma else 0  # mbarriers: full (and empty)
-        ring = self.stages * (self.tokens * 128 + self.rows * 32) + bars
+        ring = self.stages * (self.tokens * 128 + self.rows * 32) + (8 * self.stages if self.tma else 0)  # + mbarriers
         return max(ring, self.tokens * _tile_row_bytes(self)) + 1024  # + alignment slack
 
 
@@ -226,11 +216,8 @@ __forceinline__ __device__ unsigned nbw_pack(float lo, float hi) {
 }
 // TMA: one thread arms a stage's mbarrier with its byte count and issues the stage's tensor copies; every
 // thread waits for the barrier's phase
-__forceinline__ __device__ void nbw_bar_init(unsigned bar, unsigned count) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" :: "r"(bar), "r"(count) : "memory");
-}
-__forceinline__ __device__ void nbw_arrive(unsigned bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" :: "r"(bar) : "memory");
+__forceinline__ __device__ void nbw_bar_init(unsigned bar) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], 1;" :: "r"(bar) : "memory");
 }
 __forceinline__ __device__ void nbw_expect(unsigned bar, unsigned bytes) {
   asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" :: "r"(bar), "r"(bytes) : "memory");
@@ -261,7 +248,6 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
   constexpr int K = $K, N = $N, G = $G, NG = K / G, KW = K / 8, BT = $BT, WG = $WG, MT = $MT, SPLIT = $SPLIT;
   constexpr bool TMA = $TMA;  // x and W staged by TMA (the tensor maps' addresses: x in boxes of BT / XR rows,
   constexpr int XR = $XR;    // W), else by cp.async
-  constexpr bool PROD = $PROD;  // TMA copies issued by a producer warp (warp 4 WG) against "empty" barriers
   constexpr int S = $S, BN = 64 * WG * MT, THREADS = 128 * WG, XST = BT * 128, STAGE = XST + BN * 32;
   constexpr int PAIRS = K / 128, YST = $YST, CH = $CH;  // 128-k pairs of blocks; the out tile's bytes /
   // 16 B chunks per token row
@@ -276,14 +262,10 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
   const int pbeg = SPLIT == 1 ? 0 : bz * PAIRS / SPLIT, pend = SPLIT == 1 ? PAIRS : (bz + 1) * PAIRS / SPLIT;
   const int kbeg = 2 * pbeg, kend = 2 * pend;
   const unsigned bars = base + S * STAGE;  // TMA: one mbarrier per ring stage, after the ring
-  const unsigned empty = bars + 8 * S;  // PROD: a stage's consumer warps arrive when done with it
-  const int issuer = PROD ? THREADS : 0;  // the thread that issues a stage's TMA copies
   if (TMA) {
     if (tid == 0) {
 #pragma unroll
-      for (int s = 0; s < S; ++s) nbw_bar_init(bars + 8 * s, 1);
-#pragma unroll
-      for (int s = 0; s < (PROD ? S : 0); ++s) nbw_bar_init(empty + 8 * s, THREADS / 32);
+      for (int s = 0; s < S; ++s) nbw_bar_init(bars + 8 * s);
       asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
       asm volatile("prefetch.tensormap [%0];" :: "l"(xmap) : "memory");
       asm volatile("prefetch.tensormap [%0];" :: "l"(xsmap) : "memory");
@@ -300,11 +282,9 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
       // where at least 3/4 of them are < m, else in boxes of XR rows up to m (each box's rows past m read as
       // zeros: TMA fills them slowly, and each issue delays this thread's warp, which also computes;
       // h200_wgmma_tma.md); W: BN rows x 32 B in boxes of at most 256 rows
-      if (tid == issuer) {
+      if (tid == 0) {
         const unsigned bar = bars + 8 * (i % S);
-        // the producer's issues cost no compute warp time: it takes small boxes up to m whenever they fit
-        const int v = (int)min((long long)BT, m - tok0);
-        const int small = PROD || 4 * v < 3 * BT ? (v + XR - 1) / XR : 0;
+        const int v = (int)min((long long)BT, m - tok0), small = 4 * v < 3 * BT ? (v + XR - 1) / XR : 0;
         asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the slot's generic reads before
         nbw_expect(bar, (small ? small * XR : BT) * 128 + BN * 32);
         if (!small) nbw_tma2d(st, xmap, kb * 64, (int)tok0, bar);
@@ -329,21 +309,6 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
       nbw_cp16(st + XST + wr * 32 + wc * 16, qw + ((long long)bx * BN + wr) * KW + kb * 8 + wc * 4, 16);
     }
   };
-  if (PROD && tid >= THREADS) {  // the producer warp: one lane streams the slice's stages into the ring
-    if (tid == issuer) {
-      for (int kb = kbeg; kb < kend; ++kb) {
-        const int i = kb - kbeg;
-        if (i >= S) nbw_bar_wait(empty + 8 * (i % S), (i / S - 1) & 1);  // its consumers are done with it
-        load(kb);
-      }
-    }
-    return;
-  }
-  // the compute warps' barrier (with a producer warp, which has left, a named one of THREADS threads)
-  auto sync_compute = [&]() {
-    if (PROD) asm volatile("bar.sync 1, %0;" :: "n"(THREADS) : "memory");
-    else __syncthreads();
-  };
   float acc[MT * BT / 2];
 #pragma unroll
   for (int i = 0; i < MT * BT / 2; ++i) acc[i] = 0.f;
@@ -351,7 +316,7 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
   const unsigned sel = t | 0x40u | (t << 8) | 0x4000u;  // bytes [b_t, 0, b_t, 0]
 #pragma unroll
   for (int i = 0; i < S - 2; ++i) {
-    if (!PROD && kbeg + i < kend) load(kbeg + i);
+    if (kbeg + i < kend) load(kbeg + i);
     if (!TMA) nbw_commit();
   }
   half2 s0[MT], s8[MT], z0[MT], z8[MT];
@@ -376,10 +341,8 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
       nbw_wait<S - 3>();
       asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // wgmma reads what cp.async wrote
     }
-    if (!PROD) {  // the barrier proves every warpgroup is done with the slot the copies S - 2 ahead overwrite
-      __syncthreads();
-      if (kb + S - 2 < kend) load(kb + S - 2);
-    }
+    __syncthreads();
+    if (kb + S - 2 < kend) load(kb + S - 2);
     if (!TMA) nbw_commit();
     const unsigned st = base + ((kb - kbeg) % S) * STAGE;
     unsigned w0[MT][8], w8[MT][8];  // this lane's two rows' 8 words per m-tile
@@ -421,10 +384,6 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
     }
     asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
     asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-    if (PROD && kb > kbeg) {  // block kb - 1's wgmmas are done (and its W reads): its slot may refill
-      __syncwarp();
-      if (lane == 0) nbw_arrive(empty + 8 * ((kb - 1 - kbeg) % S));
-    }
   };
   for (int p = pbeg; p < pend; ++p) {  // two register buffers: constant indices keep them registers
     step(2 * p, a[0]);
@@ -437,7 +396,7 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
   // register pair, so stored straight they would be scattered 2 B writes; staged as a [token][row] tile
   // they leave as whole 16 B rows of y (or of the split's fp32 partials).
   nbw_wait<0>();
-  sync_compute();
+  __syncthreads();
   // the epilogue's thread index from behind an empty asm: otherwise nvcc hoists its addresses above the
   // main loop and holds them there (+28 registers at 128 tokens x 1 warpgroup: 3 -> 2 blocks per SM)
   int etid = tid;
@@ -448,7 +407,7 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
     const float* c = acc + mt * (BT / 2);
 $STAGE_OUT
   }
-  sync_compute();
+  __syncthreads();
 $STORE_OUT
 }
 """)
@@ -518,7 +477,7 @@ def kernel_source(attrs: dict, cfg: Config) -> tuple[str, str]:
     stage = Template(_STAGE_WS if split else _STAGE_Y).substitute(
         B0="__half2float(bias[ra])" if bias else "0.f", B8="__half2float(bias[rb])" if bias else "0.f")
     body = _BODY.substitute(
-        NAME=name, K=k, N=n, G=g, TMA=int(cfg.tma), PROD=int(cfg.producer), XR=cfg.x_box, BT=cfg.tokens, WG=cfg.warpgroups, MT=cfg.m_tiles, S=cfg.stages,
+        NAME=name, K=k, N=n, G=g, TMA=int(cfg.tma), XR=cfg.x_box, BT=cfg.tokens, WG=cfg.warpgroups, MT=cfg.m_tiles, S=cfg.stages,
         SPLIT=cfg.split_k, YST=_tile_row_bytes(cfg), WGMMA=_wgmma_asm(cfg.tokens),
         Z0=zero or "zr[ra * NG + gi]", Z8=zero or "zr[rb * NG + gi]",
         CH=cfg.rows * (4 if split else 2) // 16, STAGE_OUT=stage.strip("\n"),
@@ -579,7 +538,7 @@ def gemm_wgmma_func(attrs: dict, cfg: Config, arch: str = "sm_90"):
         MAPARGS=("T.address_of(xmap), T.address_of(xsmap), T.address_of(wmap)" if cfg.tma
                  else "T.uint64(0), T.uint64(0), T.uint64(0)"),
         SIGNATURE=signature("gemm_wgmma", attrs), BT=cfg.tokens, NBLK=n // cfg.rows, SPLIT=cfg.split_k,
-        THREADS=cfg.threads, SMEM=cfg.smem_bytes(), NAME=name, SRC=repr(src),
+        THREADS=128 * cfg.warpgroups, SMEM=cfg.smem_bytes(), NAME=name, SRC=repr(src),
         ZPTR=null if sym else 'zeros.access_ptr("r")', BPTR='bias.access_ptr("r")' if bias else null,
         WS=indent(ws, 4), WSPTR='ws.access_ptr("w")' if ws else 'y.access_ptr("w")', REDUCE=indent(reduce, 4))
     import tvm

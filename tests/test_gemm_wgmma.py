@@ -54,7 +54,6 @@ def test_default_tile_by_bucket_and_n():
     (128, 512, QuantConfig(64, symmetric=False), True, {"tokens": 208, "warpgroups": 1, "stages": 3}),
     (128, 1024, QuantConfig(), True, {"tokens": 64, "warpgroups": 1, "split_k": 2}),
     (256, 1024, QuantConfig(), False, {"tma": False}),
-    (256, 1024, QuantConfig(), True, {"producer": True, "split_k": 2}),
 ])
 def test_rule_emits_wgmma_kernel(n, k, cfg, bias, config):
     import tvm
@@ -92,8 +91,6 @@ def test_rule_emits_wgmma_kernel(n, k, cfg, bias, config):
     (1024, QuantConfig(128, symmetric=False), True, {"tma": False}),  # cp.async staging
     (1024, QuantConfig(), False, {"tokens": 128, "warpgroups": 1, "x_rows": 16}),  # up to 6 small x boxes
     (512, QuantConfig(), True, {"tokens": 16, "warpgroups": 4, "m_tiles": 2}),  # 512 W rows: two TMA boxes
-    (1024, QuantConfig(128, symmetric=False), True, {"producer": True}),  # a producer warp issues the copies
-    (4096, QuantConfig(), False, {"tokens": 128, "warpgroups": 1, "producer": True, "split_k": 3}),
 ])
 def test_wgmma_numerics_on_gpu(k, cfg, bias, config):
     """m from 1 past several token tiles (partial last tiles: x in one box or in small ones, rows past m
