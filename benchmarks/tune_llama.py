@@ -193,7 +193,8 @@ def main():
     (out / "tune_llama.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
     lines = [f"# Tuning on {meta['device']} ({meta['date']})", "",
              f"torch {meta['torch']}, TVM {meta['tvm']}. Llama-2-7B task set: {meta['llama_tasks']} tasks, "
-             f"{meta['llama_trials']} trials, {meta['llama_tune_s']:.0f} s wall.", "",
+             + (f"the winners of {meta['records']} (no tuning in this run)." if args.compare_only else
+                f"{meta['llama_trials']} trials, {meta['llama_tune_s']:.0f} s wall."), "",
              "| K->N | M | kernel | default us | tuned us | tuned/default | dlight us | err tuned | tuned config |",
              "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:

@@ -45,29 +45,11 @@ class _Fuse(BindingRewriter):
     def _slice(self, x):
         """x [b, s, H, d] back to strided_slice(M, columns [a, e)) of a 2-D M [b s, N] through
         single-use reshapes (row-major: element (i, j, h, t) is M[i s + j, a + h d + t]) and at most one
-        astype: (M, a, e) or None."""
-        cast = False
-        cur = x
-        while True:
-            value = self.bindings.get(cur)
-            if is_op(value, "relax.reshape") and self.uses.get(cur) == 1:
-                cur = value.args[0]
-            elif is_op(value, "relax.astype") and self.uses.get(cur) == 1 and not cast:
-                cast, cur = True, value.args[0]
-            else:
-                break
-        value = self.bindings.get(cur)
-        if not is_op(value, "relax.strided_slice") or self.uses.get(cur) != 1:
+        astype: (M, a, e) or None (also where M's width is not static)."""
+        found = self.column_slice(x, casts=1)
+        if found is None or found[0].ty.shape is None or not _static(found[0].ty.shape.values[1:]):
             return None
-        m = value.args[0]
-        ty = m.ty
-        if not (isinstance(ty, relax.TensorType) and ty.shape is not None and ty.ndim == 2
-                and _static(ty.shape.values[1:])):
-            return None
-        args = slice_args(value)
-        if args is None or args[0] not in ([1], [-1]) or args[3] != [1]:
-            return None
-        return m, args[1][0], args[2][0]
+        return found
 
     def _piece(self, x):
         """A permute_dims [0, 2, 1, 3] of a column slice of a merged projection: its description, or None."""

@@ -37,7 +37,7 @@ from .dispatch import DECODE, bucket_copy, copy_name, dispatch_function, relax_p
 from .int4_kernel import ATTR, int4_matmul_func
 from .merge_linears import _int4_spec
 from .quantize import QuantConfig
-from .relax_util import BindingRewriter, is_op, rewrite_main, same, slice_args
+from .relax_util import BindingRewriter, is_op, rewrite_main, same
 
 
 def _takes(spec: dict, arch: str | None) -> bool:
@@ -58,19 +58,6 @@ class _Fuse(BindingRewriter):
     def _only(self, var, n: int = 1) -> bool:
         return self.uses.get(var) == n
 
-    def _half(self, v, uses: int = 1):
-        """v (read `uses` times) back through single-use reshapes to a single-use column slice of a 2-D
-        M: (M, lo, hi) or None."""
-        while self._only(v, uses) and is_op(self.bindings.get(v), "relax.reshape"):
-            v, uses = self.bindings[v].args[0], 1
-        value = self.bindings.get(v)
-        if not (is_op(value, "relax.strided_slice") and self._only(v, uses)):
-            return None
-        m, args = value.args[0], slice_args(value)
-        if args is None or m.ty.ndim != 2 or args[0] not in ([1], [-1]) or args[3] != [1]:
-            return None
-        return m, args[1][0], args[2][0]
-
     def _silu_of(self, a):
         """g where a = multiply(g, sigmoid(g)) (either order), all of it single-use; else None."""
         value = self.bindings.get(a)
@@ -90,7 +77,7 @@ class _Fuse(BindingRewriter):
             g = self._silu_of(a)
             if g is None or not self._only(u):
                 continue
-            gate, up = self._half(g, 2), self._half(u)  # g: read by the sigmoid and the multiply
+            gate, up = self.column_slice(g, 2), self.column_slice(u)  # g: read by the sigmoid and the multiply
             if gate is None or up is None or not gate[0].same_as(up[0]):
                 continue
             m, f = gate[0], gate[2] - gate[1]

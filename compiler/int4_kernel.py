@@ -81,4 +81,3 @@ def int4_matmul_func(n: int, k: int, cfg: QuantConfig, x_dtype: str = "float16",
     if swiglu:
         spec["swiglu"] = True  # absent otherwise: read it with schedules.template.is_swiglu
     return func.with_attr({"global_symbol": kernel_name(n, k, cfg, x_dtype, has_bias, swiglu), ATTR: spec})
-

@@ -114,6 +114,26 @@ class BindingRewriter(PyExprMutator):
                                 self._users.setdefault(a, []).append(var)
         return self._users
 
+    def column_slice(self, v, uses: int = 1, casts: int = 0):
+        """v (read `uses` times) back through single-use reshapes, and at most `casts` single-use
+        astypes, to a single-use strided_slice of the columns [lo, hi) of a 2-D M (a merged projection's
+        output): (M, lo, hi), or None."""
+        while self.uses.get(v) == uses:
+            value = self.bindings.get(v)
+            if is_op(value, "relax.astype") and casts:
+                casts -= 1
+            elif not is_op(value, "relax.reshape"):
+                break
+            v, uses = value.args[0], 1
+        value = self.bindings.get(v)
+        if not (is_op(value, "relax.strided_slice") and self.uses.get(v) == uses):
+            return None
+        m, args = value.args[0], slice_args(value)
+        if (args is None or not isinstance(m.ty, relax.TensorType) or m.ty.ndim != 2 or args[0] not in ([1], [-1])
+                or args[3] != [1]):
+            return None
+        return m, args[1][0], args[2][0]
+
     def rewrite(self, value):
         raise NotImplementedError
 
