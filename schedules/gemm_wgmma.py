@@ -34,10 +34,11 @@ __grid_constant__ kernel parameters (TVM's tensormap_encode_tiled).
     group scale: the PrimFunc's fp16 (q - z) * s, bit for bit. 4 instructions per 2 weights, each
     weight then used by BT tokens.
   * pipeline: per 64-k block, wait for its copies (the stage's mbarrier; or cp.async's group, then a
-    fence of the async proxy, as wgmma reads what cp.async wrote), one barrier, issue the copies of the block S - 2 ahead, decode this block's 4 A fragments
-    (into one of two register buffers), issue its 4 wgmmas and commit them, then wait until only these
-    are in flight: the previous block's wgmmas overlap this block's barrier and decode. The barrier of
-    the next block then proves every warpgroup is done with the ring slot the next copies overwrite.
+    fence of the async proxy, as wgmma reads what cp.async wrote), one barrier, issue the copies of the
+    block S - 2 ahead, decode this block's 4 A fragments (into one of two register buffers), issue its
+    4 wgmmas and commit them, then wait until only these are in flight: the previous block's wgmmas
+    overlap this block's barrier and decode. The barrier of the next block then proves every warpgroup
+    is done with the ring slot the next copies overwrite.
   * epilogue through shared memory (the ring, now free): the accumulators (fp32; lane holds rows r,
     r + 8 x tokens 8i + 2t, 8i + 2t + 1) + bias, rounded to fp16, go by `stmatrix .trans` into a
     [token][row] tile (rows padded by 16 B: conflict-free), then whole 16 B rows of it to y for tokens
@@ -47,8 +48,8 @@ __grid_constant__ kernel parameters (TVM's tensormap_encode_tiled).
     sums the slices in order, adds the bias and rounds. Slices are whole 128-k pairs; one that starts
     inside a group (groups > 128) loads that group's scales first.
 Accumulation is fp32 throughout. Knobs in Config, per-arch defaults in DEFAULTS (tile by token bucket
-and N, K split by a rule: about one block per SM at m = the bucket's bound, at least the table's); `nibble tune` searches
-SPACE. The kernel body is CUDA (a helper called from a one-statement TIR
+and N, K split by a rule: about one block per SM at m = the bucket's bound, at least the table's);
+`nibble tune` searches SPACE. The kernel body is CUDA (a helper called from a one-statement TIR
 launch), as the asm operands of wgmma (BT / 2 accumulator registers) have no TIR spelling. nvcc
 builds it for sm_90a (compiler/cuda.py).
 
