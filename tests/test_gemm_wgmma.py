@@ -26,6 +26,10 @@ def test_takes_only_what_it_tiles():
     assert not takes(spec(4096, 4096, xd="float32"), "sm_90")
     assert Config(tokens=100).check() and Config(tokens=264).check() and Config(stages=2).check()
     assert Config(tokens=24).check() and Config(split_k=0).check()  # the epilogue stores 16 tokens at a time
+    for bad in (24, 512):  # TMA x boxes: whole 1 KiB swizzle atoms, at most 256 rows
+        assert "x_rows must be a multiple of 16 up to 256" in Config(x_rows=bad).check()
+    assert Config(x_rows=24, tma=False).check() is None  # cp.async staging has no boxes
+    assert Config(tokens=208, x_rows=32).x_box == 16 and Config(x_rows=64).x_box == 64  # boxes stay in the tile
     assert takes(spec(4096, 512), "sm_90", Config(split_k=2)) and not takes(spec(4096, 512), "sm_90", Config(split_k=4))
 
 
