@@ -79,6 +79,10 @@ WGMMA_VARIANTS.update({"t256w2m1s4cp": dict(tma=False), "t128w1m1s4cp": dict(tok
 # by TMA, so more stages keep more of it in flight without registers
 WGMMA_VARIANTS.update({f"t16w{w}m1s{s}" + (f"k{k}" if k > 1 else ""): dict(tokens=16, warpgroups=w, stages=s, split_k=k)
                        for w, s, k in ((1, 4, 4), (1, 6, 2), (1, 8, 1), (1, 8, 2), (1, 8, 4), (2, 8, 2), (2, 8, 4))})
+# stream-K (one block per SM sharing all tiles' K pairs) with token tiles near a ~200-token prompt's size
+WGMMA_VARIANTS.update({f"t{t}w{w}m1s{s}sk": dict(tokens=t, warpgroups=w, stages=s, stream_k=True)
+                       for t, w, s in ((256, 2, 4), (256, 2, 3), (224, 2, 4), (208, 2, 4), (192, 2, 4), (128, 2, 4),
+                                       (128, 1, 4))})
 VARIANT_SETS = {"mma": MMA_VARIANTS, "wgmma": WGMMA_VARIANTS}  # per copy kind
 VARIANTS_ENV = "NIBBLE_BENCH_VARIANTS"  # --variants, for the compile workers
 

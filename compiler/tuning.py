@@ -78,7 +78,9 @@ class Task:
     def space(self) -> list[dict]:
         space = getattr(self.template, "SPACE", {})
         names = list(space)
-        return [dict(zip(names, vals)) for vals in itertools.product(*(space[n] for n in names))]
+        out = [dict(zip(names, vals)) for vals in itertools.product(*(space[n] for n in names))]
+        check = getattr(self.template.Config, "check", None)  # knob combinations the template refuses
+        return [c for c in out if check is None or check(self.template.Config(**c)) is None]
 
     def default(self, spec: dict | None = None) -> dict:
         """The config the template uses untuned for this target (its measured per-arch default)."""

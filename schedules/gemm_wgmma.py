@@ -55,10 +55,16 @@ builds it for sm_90a (compiler/cuda.py).
 
 Measured on the H200 (benchmarks/results/h200_wgmma_tma.md): TMA staging took the 2048-token GEMM from
 0.79-0.88x cuBLAS fp16 to 0.91-1.15x (cp.async's copies were its largest removable part:
-h200_wgmma_ablation.md); 0.67-0.84x at 200 tokens. Thread 0 issues the copies and also computes, so each
-extra TMA issue per stage costs its warpgroup time; a producer warp with "empty" barriers instead ran
-1.2-1.4x slower (h200_wgmma_producer.md). Not yet: a persistent, stream-K grid (at ~200 tokens the grid
-is one or two partial waves).
+h200_wgmma_ablation.md). Thread 0 issues the copies and also computes, so each extra TMA issue per stage
+costs its warpgroup time; a producer warp with "empty" barriers instead ran 1.2-1.4x slower
+(h200_wgmma_producer.md).
+
+Stream-K (Config.stream_k; h200_wgmma_stream_k.md). Where a grid is one or two partial waves (wide N at
+m = 129..256), it gets one block per SM. Each block computes an equal share of all tiles' 128-k pairs:
+  * a tile shared by several blocks is finished by the block holding its last pair, which adds the others'
+    fp32 partials (workspace ws[block], a flag per block, zeroed by a one-block kernel before the GEMM);
+  * 200 tokens went from 0.67-0.84x cuBLAS fp16 to 0.81-0.88x. The rest is the pieces' own pipeline fills
+    and epilogues (~9 us) and the finishing blocks' reads of the partials (2-6 us).
 """
 from __future__ import annotations
 
@@ -82,6 +88,8 @@ class Config:
     tma: bool = True  # stage x and W by TMA (one thread, mbarrier per stage) instead of per-thread cp.async
     x_rows: int = 32  # TMA: token rows per small x box. A token tile less than 3/4 full loads its rows < m in
     # small boxes, a fuller one in one box of the whole tile (rows past m: zeros, slow for TMA to fill)
+    stream_k: bool = False  # one block per SM, each an equal share of all tiles' 128-k pairs (fp32 partials
+    # for tiles shared between blocks): no partial last wave where the grid holds few tiles per SM
 
     @property
     def x_box(self) -> int:
@@ -96,7 +104,8 @@ class Config:
     def label(self) -> str:
         return (f"t{self.tokens}w{self.warpgroups}m{self.m_tiles}s{self.stages}"
                 + (f"k{self.split_k}" if self.split_k > 1 else "")
-                + (f"x{self.x_rows}" if self.tma and self.x_rows != Config.x_rows else "") + ("" if self.tma else "cp"))
+                + (f"x{self.x_rows}" if self.tma and self.x_rows != Config.x_rows else "") + ("" if self.tma else "cp")
+                + ("sk" if self.stream_k else ""))
 
     def check(self) -> str | None:
         if self.tokens % 16 or not 16 <= self.tokens <= 256:
@@ -109,6 +118,8 @@ class Config:
             return "stages must be >= 3"
         if self.split_k < 1:
             return "split_k must be >= 1"
+        if self.stream_k and self.split_k > 1:
+            return "stream_k shares K between blocks itself: split_k must be 1"
         regs = self.m_tiles * (self.tokens // 2 + 32) + 40  # accumulators, two A buffers, the rest
         if regs > 255 or self.warpgroups * 128 * regs > 65536:
             return "accumulators exceed the register file"
@@ -152,11 +163,15 @@ class ArchConfig:
 # splits K in 2 (4096->12288 20.6 vs 27.0 us, 4096->22016 32.2 vs 36.0), m = 129..256 on N = 4096 in 4
 # (m = 128 / 200 / 256: 15.4 / 21.3 / 22.4 vs 20.4 / 22.6 / 22.1 us; 11008->4096 28.4 / 43.9 / 45.8 vs
 # 45.4 / 52.1 / 48.5).
+# Stream-K (h200_wgmma_stream_k.md): at m = 129..256 wide N gives 96-172 blocks of 128 rows x 256 tokens, one
+# partial wave or 1.3 waves on 132 SMs; sharing every block's K pairs evenly over one block per SM took m = 200
+# from 45.9 / 99.6 us (128-token tiles, one warpgroup) to 43.0 / 70.5 on 4096->12288 / 4096->22016.
 _BIG = Config()
+_SK256 = Config(stream_k=True)
 _H200 = ArchConfig(by_rows=(
     (32, ((4096, Config(tokens=32)), (1 << 30, Config(tokens=32, warpgroups=1, split_k=2)))),
     (64, ((4096, Config(tokens=64)), (1 << 30, Config(tokens=64, warpgroups=1)))),
-    (256, ((4096, Config(tokens=128, split_k=4)), (1 << 30, Config(tokens=128, warpgroups=1)))),
+    (256, ((4096, Config(tokens=128, split_k=4)), (1 << 30, _SK256))),
     (1024, ((4096, Config(tokens=128)), (1 << 30, _BIG))),
     (1 << 30, ((1 << 30, _BIG),))))
 DEFAULTS = {"sm_90": _H200}
@@ -169,12 +184,14 @@ def default_for(arch: ArchConfig, n: int, rows: int | None) -> Config:
     cfg = next(c for max_n, c in by_n if n <= max_n)
     if rows is None:
         return cfg
+    if cfg.stream_k:  # one block per SM already
+        return cfg
     blocks = -(-rows // cfg.tokens) * max(1, n // cfg.rows)
     return dataclasses.replace(cfg, split_k=max(cfg.split_k, min(arch.split_max, round(arch.sms / blocks))))
 
 
 SPACE = {"tokens": (64, 128, 192, 256), "warpgroups": (1, 2), "m_tiles": (1, 2), "stages": (3, 4, 5),
-         "split_k": (1, 2, 4), "x_rows": (16, 32, 64)}
+         "split_k": (1, 2, 4), "x_rows": (16, 32, 64), "stream_k": (False, True)}
 MAX_SMEM = 227 * 1024
 
 
@@ -244,9 +261,11 @@ __forceinline__ __device__ unsigned long long nbw_desc(unsigned addr) {
 _BODY = Template(r"""
 __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned* __restrict__ qw,
     const half* __restrict__ sc, const half* __restrict__ zr, const half* __restrict__ bias,
-    half* __restrict__ y, void* ws_, unsigned char* smem, long long m, int bx, int by, int bz, int tid,
-    unsigned long long xmap, unsigned long long xsmap, unsigned long long wmap) {
+    half* __restrict__ y, void* ws_, void* sk_, unsigned char* smem, long long m, int bx, int by,
+    int bz, int tid, unsigned long long xmap, unsigned long long xsmap, unsigned long long wmap) {
   constexpr int K = $K, N = $N, G = $G, NG = K / G, KW = K / 8, BT = $BT, WG = $WG, MT = $MT, SPLIT = $SPLIT;
+  constexpr int SKP = $SKP;  // stream-K: the grid's blocks (0: one tile, or K slice, per block)
+  int* sk = reinterpret_cast<int*>(sk_);  // stream-K: the start counter, then a flag per block
   constexpr bool TMA = $TMA;  // x and W staged by TMA (the tensor maps' addresses: x in boxes of BT / XR rows,
   constexpr int XR = $XR;    // W), else by cp.async
   constexpr int S = $S, BN = 64 * WG * MT, THREADS = 128 * WG, XST = BT * 128, STAGE = XST + BN * 32;
@@ -256,16 +275,10 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
   const int warp = tid / 32, lane = tid % 32, r = lane / 4, t = lane % 4;
   // this lane's rows in the block, per m-tile mt: lrow + 64 mt and lrow + 64 mt + 8
   const int wrow = warp / 4 * (64 * MT) + warp % 4 * 16, lrow = wrow + r;
-  const long long row0 = (long long)bx * BN + lrow;
-  const long long tok0 = (long long)by * BT;
-  // this block's K slice: pairs [pbeg, pend) = 64-k blocks [kbeg, kend) (sizes differ by at most one
-  // pair; constants without a split: a known trip count and parity keep the step's branches static)
-  const int pbeg = SPLIT == 1 ? 0 : bz * PAIRS / SPLIT, pend = SPLIT == 1 ? PAIRS : (bz + 1) * PAIRS / SPLIT;
-  const int kbeg = 2 * pbeg, kend = 2 * pend;
   const unsigned bars = base + S * STAGE;  // TMA: one mbarrier per ring stage, after the ring
   if (TMA) {
     if (tid == 0) {
-#pragma unroll
+      #pragma unroll
       for (int s = 0; s < S; ++s) nbw_bar_init(bars + 8 * s);
       asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
       asm volatile("prefetch.tensormap [%0];" :: "l"(xmap) : "memory");
@@ -274,142 +287,219 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
     }
     __syncthreads();
   }
-  // block kb goes to ring slot (kb - kbeg) % S; with TMA its barrier completes phase (kb - kbeg) / S
-  auto load = [&](int kb) {
-    const int i = kb - kbeg;
-    const unsigned st = base + (i % S) * STAGE;
-    if (TMA) {
-      // x: 64 k of the tile's token rows, landing in the 128 B-swizzled layout above, in one box of BT rows
-      // where at least 3/4 of them are < m, else in boxes of XR rows up to m (each box's rows past m read as
-      // zeros: TMA fills them slowly, and each issue delays this thread's warp, which also computes;
-      // h200_wgmma_tma.md); W: BN rows x 32 B in boxes of at most 256 rows
-      if (tid == 0) {
-        const unsigned bar = bars + 8 * (i % S);
-        const int v = (int)min((long long)BT, m - tok0), small = 4 * v < 3 * BT ? (v + XR - 1) / XR : 0;
-        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the slot's generic reads before
-        nbw_expect(bar, (small ? small * XR : BT) * 128 + BN * 32);
-        if (!small) nbw_tma2d(st, xmap, kb * 64, (int)tok0, bar);
-        for (int j = 0; j < small; ++j) nbw_tma2d(st + j * XR * 128, xsmap, kb * 64, (int)tok0 + j * XR, bar);
-#pragma unroll
-        for (int j = 0; j < (BN + 255) / 256; ++j) nbw_tma2d(st + XST + j * 8192, wmap, kb * 8, bx * BN + j * 256, bar);
-      }
-      return;
-    }
-#pragma unroll
-    for (int i = 0; i < (BT * 8 + THREADS - 1) / THREADS; ++i) {
-      const int c = tid + i * THREADS, n = c / 8, ch = c % 8;
-      if ((BT * 8) % THREADS == 0 || c < BT * 8) {
-        const bool ok = tok0 + n < m;
-        nbw_cp16(st + n * 128 + ((ch ^ (n & 7)) << 4), x + (ok ? tok0 + n : 0) * K + kb * 64 + ch * 8,
-                 ok ? 16 : 0);
-      }
-    }
-#pragma unroll
-    for (int i = 0; i < MT; ++i) {  // BN rows x 2 chunks = MT per thread
-      const int c = tid + i * THREADS, wr = c / 2, wc = c % 2;
-      nbw_cp16(st + XST + wr * 32 + wc * 16, qw + ((long long)bx * BN + wr) * KW + kb * 8 + wc * 4, 16);
-    }
+  // Stream-K (SKP blocks): the units (token tile x row block = tile, 128-k pair) in tile-major order are
+  // cut into SKP equal ranges, one per block in the order the blocks start (a counter, so that a block
+  // only ever waits for blocks already running: no deadlock however many fit on the GPU). A block walks
+  // its range from the end, a tile's piece at a time (each through its own pipeline fill and epilogue:
+  // streaming the next piece's first blocks through the ring during this one's last, with the epilogue's
+  // tile in shared memory of its own, ran 1.1-1.2x slower; h200_wgmma_stream_k.md). The piece holding a
+  // tile's last pair finishes the tile: it adds the fp32 partials of the blocks before it, which wrote
+  // them (their range's last piece) first thing, and stores y; a piece short of the tile's end writes its
+  // partial to ws[block] and raises its flag.
+  long long ulo = 0, u = 0, units = 0;
+  int vid = 0;
+  auto piece = [&](long long at, long long& tile, int& pb, int& pe) {  // the piece ending at unit at
+    tile = (at - 1) / PAIRS;
+    pb = (int)(max(ulo, tile * PAIRS) - tile * PAIRS);
+    pe = (int)(at - tile * PAIRS);
   };
-  float acc[MT * BT / 2];
-#pragma unroll
-  for (int i = 0; i < MT * BT / 2; ++i) acc[i] = 0.f;
-  unsigned a[2][MT * 16];
-  const unsigned sel = t | 0x40u | (t << 8) | 0x4000u;  // bytes [b_t, 0, b_t, 0]
-#pragma unroll
-  for (int i = 0; i < S - 2; ++i) {
-    if (kbeg + i < kend) load(kbeg + i);
-    if (!TMA) nbw_commit();
-  }
-  half2 s0[MT], s8[MT], z0[MT], z8[MT];
-  half q0[MT], q8[MT], e0[MT], e8[MT];  // the group's raw scales / zeros, loaded before the barrier
-  auto step = [&](int kb, unsigned* ab) {
-    // a slice starts at a group boundary unless groups span more than one pair
-    const bool new_group = kb % (G / 64) == 0 || (G > 128 && kb == kbeg);
-    if (new_group) {
-      const int gi = kb * 64 / G;
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        const long long ra = row0 + 64 * mt, rb = ra + 8;
-        q0[mt] = sc[ra * NG + gi];
-        q8[mt] = sc[rb * NG + gi];
-        e0[mt] = $Z0;
-        e8[mt] = $Z8;
-      }
-    }
-    if (TMA) {
-      nbw_bar_wait(bars + 8 * ((kb - kbeg) % S), ((kb - kbeg) / S) & 1);
-    } else {
-      nbw_wait<S - 3>();
-      asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // wgmma reads what cp.async wrote
-    }
+  if (SKP) {
+    __shared__ int vid_s;
+    if (tid == 0) vid_s = atomicAdd(sk, 1);
     __syncthreads();
-    if (kb + S - 2 < kend) load(kb + S - 2);
-    if (!TMA) nbw_commit();
-    const unsigned st = base + ((kb - kbeg) % S) * STAGE;
-    unsigned w0[MT][8], w8[MT][8];  // this lane's two rows' 8 words per m-tile
-#pragma unroll
-    for (int mt = 0; mt < MT; ++mt) {
-      const unsigned wa = st + XST + (lrow + 64 * mt) * 32;
-      nbw_lds128(wa, w0[mt]);
-      nbw_lds128(wa + 16, w0[mt] + 4);
-      nbw_lds128(wa + 8 * 32, w8[mt]);
-      nbw_lds128(wa + 8 * 32 + 16, w8[mt] + 4);
-      if (new_group) {  // -(1024 + z, 64 + z): see nbw_dq
-        s0[mt] = __half2half2(q0[mt]);
-        s8[mt] = __half2half2(q8[mt]);
-        z0[mt] = __halves2half2(__hneg(__hadd(e0[mt], __float2half(1024.f))), __hneg(__hadd(e0[mt], __float2half(64.f))));
-        z8[mt] = __halves2half2(__hneg(__hadd(e8[mt], __float2half(1024.f))), __hneg(__hadd(e8[mt], __float2half(64.f))));
-      }
+    vid = vid_s;
+    units = (m + BT - 1) / BT * (N / BN) * PAIRS;
+    ulo = vid * units / SKP;
+    u = (vid + 1) * units / SKP;
+    if (u == ulo) return;
+  }
+  int ib = 0;  // ring index of the piece's first 64-k block: ring slots and mbarrier phases run on
+  do {
+    long long tile = 0;
+    int pbeg, pend;  // this piece's K slice: pairs [pbeg, pend) = 64-k blocks [kbeg, kend)
+    if (SKP) {
+      piece(u, tile, pbeg, pend);
+      bx = (int)(tile % (N / BN));
+      by = (int)(tile / (N / BN));
+    } else {  // slices differ by at most one pair; constants without a split: a known trip count and parity
+      // keep the step's branches static
+      pbeg = SPLIT == 1 ? 0 : bz * PAIRS / SPLIT;
+      pend = SPLIT == 1 ? PAIRS : (bz + 1) * PAIRS / SPLIT;
     }
-    auto decode = [&](int s) {  // the A fragments of k16 step s
-#pragma unroll
-      for (int mt = 0; mt < MT; ++mt) {
-        ab[mt * 16 + 4 * s + 0] = nbw_dq(w0[mt][2 * s], sel, z0[mt], s0[mt]);
-        ab[mt * 16 + 4 * s + 1] = nbw_dq(w8[mt][2 * s], sel, z8[mt], s8[mt]);
-        ab[mt * 16 + 4 * s + 2] = nbw_dq(w0[mt][2 * s + 1], sel, z0[mt], s0[mt]);
-        ab[mt * 16 + 4 * s + 3] = nbw_dq(w8[mt][2 * s + 1], sel, z8[mt], s8[mt]);
+    const int kbeg = 2 * pbeg, kend = 2 * pend;
+    const long long row0 = (long long)bx * BN + lrow;
+    const long long tok0 = (long long)by * BT;
+    // block kb goes to ring index i = ib + kb - kbeg: slot i % S; with TMA its barrier completes phase i / S
+    auto load = [&](int i) {  // the copies of ring index i, if this piece has it
+      const int kb = kbeg + i - ib;
+      if (kb >= kend) return;
+      const unsigned st = base + (i % S) * STAGE;
+      if (TMA) {
+        // x: 64 k of the tile's token rows, landing in the 128 B-swizzled layout above, in one box of BT rows
+        // where at least 3/4 of them are < m, else in boxes of XR rows up to m (each box's rows past m read as
+        // zeros: TMA fills them slowly, and each issue delays this thread's warp, which also computes;
+        // h200_wgmma_tma.md); W: BN rows x 32 B in boxes of at most 256 rows
+        if (tid == 0) {
+          const unsigned bar = bars + 8 * (i % S);
+          const int v = (int)min((long long)BT, m - tok0), small = 4 * v < 3 * BT ? (v + XR - 1) / XR : 0;
+          asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // the slot's generic reads before
+          nbw_expect(bar, (small ? small * XR : BT) * 128 + BN * 32);
+          if (!small) nbw_tma2d(st, xmap, kb * 64, (int)tok0, bar);
+          for (int j = 0; j < small; ++j) nbw_tma2d(st + j * XR * 128, xsmap, kb * 64, (int)tok0 + j * XR, bar);
+          #pragma unroll
+          for (int j = 0; j < (BN + 255) / 256; ++j) nbw_tma2d(st + XST + j * 8192, wmap, kb * 8, bx * BN + j * 256, bar);
+        }
+        return;
+      }
+      #pragma unroll
+      for (int i = 0; i < (BT * 8 + THREADS - 1) / THREADS; ++i) {
+        const int c = tid + i * THREADS, n = c / 8, ch = c % 8;
+        if ((BT * 8) % THREADS == 0 || c < BT * 8) {
+          const bool ok = tok0 + n < m;
+          nbw_cp16(st + n * 128 + ((ch ^ (n & 7)) << 4), x + (ok ? tok0 + n : 0) * K + kb * 64 + ch * 8,
+                   ok ? 16 : 0);
+        }
+      }
+      #pragma unroll
+      for (int i = 0; i < MT; ++i) {  // BN rows x 2 chunks = MT per thread
+        const int c = tid + i * THREADS, wr = c / 2, wc = c % 2;
+        nbw_cp16(st + XST + wr * 32 + wc * 16, qw + ((long long)bx * BN + wr) * KW + kb * 8 + wc * 4, 16);
       }
     };
-    // All four steps decoded before the first wgmma: decoding each step right before its wgmma (one
-    // wgmma.fence per step) ran 1.1x slower on the H200 (h200_wgmma_ablation.md).
-#pragma unroll
-    for (int s = 0; s < 4; ++s) decode(s);
-    asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
-#pragma unroll
-    for (int s = 0; s < 4; ++s) {
-      const unsigned long long desc = nbw_desc(st + 32 * s);
-#pragma unroll
+    float acc[MT * BT / 2];
+    #pragma unroll
+    for (int i = 0; i < MT * BT / 2; ++i) acc[i] = 0.f;
+    unsigned a[2][MT * 16];
+    const unsigned sel = t | 0x40u | (t << 8) | 0x4000u;  // bytes [b_t, 0, b_t, 0]
+    #pragma unroll
+    for (int i = 0; i < S - 2; ++i) {
+      load(ib + i);
+      if (!TMA) nbw_commit();
+    }
+    half2 s0[MT], s8[MT], z0[MT], z8[MT];
+    half q0[MT], q8[MT], e0[MT], e8[MT];  // the group's raw scales / zeros, loaded before the barrier
+    auto step = [&](int kb, unsigned* ab) {
+      // a slice starts at a group boundary unless groups span more than one pair
+      const bool new_group = kb % (G / 64) == 0 || (G > 128 && kb == kbeg);
+      if (new_group) {
+        const int gi = kb * 64 / G;
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          const long long ra = row0 + 64 * mt, rb = ra + 8;
+          q0[mt] = sc[ra * NG + gi];
+          q8[mt] = sc[rb * NG + gi];
+          e0[mt] = $Z0;
+          e8[mt] = $Z8;
+        }
+      }
+      if (TMA) {
+        nbw_bar_wait(bars + 8 * ((ib + kb - kbeg) % S), ((ib + kb - kbeg) / S) & 1);
+      } else {
+        nbw_wait<S - 3>();
+        asm volatile("fence.proxy.async.shared::cta;" ::: "memory");  // wgmma reads what cp.async wrote
+      }
+      __syncthreads();
+      load(ib + kb - kbeg + S - 2);
+      if (!TMA) nbw_commit();
+      const unsigned st = base + ((ib + kb - kbeg) % S) * STAGE;
+      unsigned w0[MT][8], w8[MT][8];  // this lane's two rows' 8 words per m-tile
+      #pragma unroll
       for (int mt = 0; mt < MT; ++mt) {
-        asm volatile($WGMMA);
+        const unsigned wa = st + XST + (lrow + 64 * mt) * 32;
+        nbw_lds128(wa, w0[mt]);
+        nbw_lds128(wa + 16, w0[mt] + 4);
+        nbw_lds128(wa + 8 * 32, w8[mt]);
+        nbw_lds128(wa + 8 * 32 + 16, w8[mt] + 4);
+        if (new_group) {  // -(1024 + z, 64 + z): see nbw_dq
+          s0[mt] = __half2half2(q0[mt]);
+          s8[mt] = __half2half2(q8[mt]);
+          z0[mt] = __halves2half2(__hneg(__hadd(e0[mt], __float2half(1024.f))), __hneg(__hadd(e0[mt], __float2half(64.f))));
+          z8[mt] = __halves2half2(__hneg(__hadd(e8[mt], __float2half(1024.f))), __hneg(__hadd(e8[mt], __float2half(64.f))));
+        }
+      }
+      auto decode = [&](int s) {  // the A fragments of k16 step s
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          ab[mt * 16 + 4 * s + 0] = nbw_dq(w0[mt][2 * s], sel, z0[mt], s0[mt]);
+          ab[mt * 16 + 4 * s + 1] = nbw_dq(w8[mt][2 * s], sel, z8[mt], s8[mt]);
+          ab[mt * 16 + 4 * s + 2] = nbw_dq(w0[mt][2 * s + 1], sel, z0[mt], s0[mt]);
+          ab[mt * 16 + 4 * s + 3] = nbw_dq(w8[mt][2 * s + 1], sel, z8[mt], s8[mt]);
+        }
+      };
+      // All four steps decoded before the first wgmma: decoding each step right before its wgmma (one
+      // wgmma.fence per step) ran 1.1x slower on the H200 (h200_wgmma_ablation.md).
+      #pragma unroll
+      for (int s = 0; s < 4; ++s) decode(s);
+      asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+      #pragma unroll
+      for (int s = 0; s < 4; ++s) {
+        const unsigned long long desc = nbw_desc(st + 32 * s);
+        #pragma unroll
+        for (int mt = 0; mt < MT; ++mt) {
+          asm volatile($WGMMA);
+        }
+      }
+      asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+      asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
+    };
+    for (int p = pbeg; p < pend; ++p) {  // two register buffers: constant indices keep them registers
+      step(2 * p, a[0]);
+      step(2 * p + 1, a[1]);
+    }
+    asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+    #pragma unroll
+    for (int i = 0; i < MT * BT / 2; ++i) asm volatile("" : "+f"(acc[i]) :: "memory");
+    ib += kend - kbeg;
+    if (SKP) {
+      float4* part = reinterpret_cast<float4*>(ws_);  // a block's partial: its accumulators, in register order
+      constexpr int PART = MT * BT / 8 * THREADS;
+      const long long t0 = tile * PAIRS;
+      u = t0 + pbeg;
+      if (pend < PAIRS) {  // short of the tile's end: the partial for the block that finishes the tile
+        #pragma unroll
+        for (int i = 0; i < MT * BT / 8; ++i)
+          __stcg(part + (long long)vid * PART + i * THREADS + tid, make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
+        __threadfence();
+        __syncthreads();
+        if (tid == 0) asm volatile("st.release.gpu.global.u32 [%0], 1;" :: "l"(sk + 1 + vid) : "memory");
+        continue;
+      }
+      for (int q = vid - 1; pbeg > 0 && q >= 0; --q) {  // the blocks before this one holding pairs of the tile
+        const long long aq = q * units / SKP;
+        if (aq < (q + 1) * units / SKP) {  // (one with no pairs raised no flag)
+          if (tid == 0) {
+            unsigned f = 0;
+            while (!f) asm volatile("ld.acquire.gpu.global.u32 %0, [%1];" : "=r"(f) : "l"(sk + 1 + q) : "memory");
+          }
+          __syncthreads();
+          #pragma unroll
+          for (int i = 0; i < MT * BT / 8; ++i) {
+            const float4 v = __ldcg(part + (long long)q * PART + i * THREADS + tid);
+            acc[4 * i] += v.x; acc[4 * i + 1] += v.y; acc[4 * i + 2] += v.z; acc[4 * i + 3] += v.w;
+          }
+        }
+        if (aq <= t0) break;
       }
     }
-    asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
-    asm volatile("wgmma.wait_group.sync.aligned 1;" ::: "memory");
-  };
-  for (int p = pbeg; p < pend; ++p) {  // two register buffers: constant indices keep them registers
-    step(2 * p, a[0]);
-    step(2 * p + 1, a[1]);
-  }
-  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
-#pragma unroll
-  for (int i = 0; i < MT * BT / 2; ++i) asm volatile("" : "+f"(acc[i]) :: "memory");
-  // Epilogue through shared memory (the ring, now free): the accumulators hold 2 tokens of one W row per
-  // register pair, so stored straight they would be scattered 2 B writes; staged as a [token][row] tile
-  // they leave as whole 16 B rows of y (or of the split's fp32 partials).
-  nbw_wait<0>();
-  __syncthreads();
-  // the epilogue's thread index from behind an empty asm: otherwise nvcc hoists its addresses above the
-  // main loop and holds them there (+28 registers at 128 tokens x 1 warpgroup: 3 -> 2 blocks per SM)
-  int etid = tid;
-  asm volatile("" : "+r"(etid));
-  const int elane = etid % 32, erow = etid / 128 * (64 * MT) + etid / 32 % 4 * 16;  // = lane, wrow
-#pragma unroll
-  for (int mt = 0; mt < MT; ++mt) {
-    const float* c = acc + mt * (BT / 2);
+    // Epilogue through shared memory (the ring, now free): the accumulators hold 2 tokens of one W row per
+    // register pair, so stored straight they would be scattered 2 B writes; staged as a [token][row] tile
+    // they leave as whole 16 B rows of y (or of the split's fp32 partials).
+    nbw_wait<0>();
+    __syncthreads();
+    // the epilogue's thread index from behind an empty asm: otherwise nvcc hoists its addresses above the
+    // main loop and holds them there (+28 registers at 128 tokens x 1 warpgroup: 3 -> 2 blocks per SM)
+    int etid = tid;
+    asm volatile("" : "+r"(etid));
+    const int elane = etid % 32, erow = etid / 128 * (64 * MT) + etid / 32 % 4 * 16;  // = lane, wrow
+    #pragma unroll
+    for (int mt = 0; mt < MT; ++mt) {
+      const float* c = acc + mt * (BT / 2);
 $STAGE_OUT
-  }
-  __syncthreads();
+    }
+    __syncthreads();
 $STORE_OUT
+    if (SKP) __syncthreads();  // the tile read out of the ring before the next piece's copies land there
+  } while (SKP && u > ulo);
 }
 """)
 
@@ -420,7 +510,7 @@ _STAGE_Y = r"""
     const float b0 = $B0, b8 = $B8;
     const int j = elane / 8;
     const unsigned dst = base + (elane % 8 + 8 * (j / 2)) * YST + (erow + 64 * mt + 8 * (j % 2)) * 2;
-#pragma unroll
+    #pragma unroll
     for (int i = 0; i < BT / 8; i += 2) {
       asm volatile("stmatrix.sync.aligned.m8n8.x4.trans.shared.b16 [%0], {%1, %2, %3, %4};"
                    :: "r"(dst + 8 * i * YST), "r"(nbw_pack(c[4 * i] + b0, c[4 * i + 1] + b0)),
@@ -432,9 +522,9 @@ _STAGE_Y = r"""
 # split: the slice's fp32 partial (no bias: the reduction adds it), one 4 B store per accumulator (banks
 # 8 t + r: a row of the tile is BN + 4 words), then float4 rows of ws[m, SPLIT, N]
 _STAGE_WS = r"""
-#pragma unroll
+    #pragma unroll
     for (int i = 0; i < BT / 8; ++i) {
-#pragma unroll
+      #pragma unroll
       for (int e = 0; e < 2; ++e) {
         const unsigned at = base + (8 * i + elane % 4 * 2 + e) * YST + (erow + elane / 4 + 64 * mt) * 4;
         asm volatile("st.shared.f32 [%0], %1;" :: "r"(at), "f"(c[4 * i + e]) : "memory");
@@ -444,7 +534,7 @@ _STAGE_WS = r"""
 """
 # the tile's 16 B chunks (CH per token row) to $DST, tokens < m only
 _STORE = r"""
-#pragma unroll
+  #pragma unroll
   for (int i = 0; i < BT * CH / THREADS; ++i) {
     const int c = etid + i * THREADS, n = c / CH, ch = c % CH;
     if (tok0 + n < m) {
@@ -468,8 +558,8 @@ def _wgmma_asm(bt: int) -> str:
     return f'{text}\n      : {outs}\n      : {ins} : "memory"'
 
 
-def kernel_source(attrs: dict, cfg: Config) -> tuple[str, str]:
-    """(helper name, CUDA source) of the kernel body for one int4 spec and config."""
+def kernel_source(attrs: dict, cfg: Config, sms: int = 132) -> tuple[str, str]:
+    """(helper name, CUDA source) of the kernel body for one int4 spec and config (sms: the stream-K grid)."""
     n, k, g = int(attrs["n"]), int(attrs["k"]), int(attrs["group_size"])
     sym, bias = bool(attrs["symmetric"]), bool(attrs["has_bias"])
     name = f"nb_wgmma_n{n}_k{k}_g{g}_{cfg.label()}{'' if sym else '_z'}{'_b' if bias else ''}"
@@ -478,7 +568,7 @@ def kernel_source(attrs: dict, cfg: Config) -> tuple[str, str]:
     stage = Template(_STAGE_WS if split else _STAGE_Y).substitute(
         B0="__half2float(bias[ra])" if bias else "0.f", B8="__half2float(bias[rb])" if bias else "0.f")
     body = _BODY.substitute(
-        NAME=name, K=k, N=n, G=g, TMA=int(cfg.tma), XR=cfg.x_box, BT=cfg.tokens, WG=cfg.warpgroups, MT=cfg.m_tiles, S=cfg.stages,
+        NAME=name, K=k, N=n, G=g, SKP=sms if cfg.stream_k else 0, TMA=int(cfg.tma), XR=cfg.x_box, BT=cfg.tokens, WG=cfg.warpgroups, MT=cfg.m_tiles, S=cfg.stages,
         SPLIT=cfg.split_k, YST=_tile_row_bytes(cfg), WGMMA=_wgmma_asm(cfg.tokens),
         Z0=zero or "zr[ra * NG + gi]", Z8=zero or "zr[rb * NG + gi]",
         CH=cfg.rows * (4 if split else 2) // 16, STAGE_OUT=stage.strip("\n"),
@@ -493,13 +583,13 @@ $SIGNATURE
 $WS
 $MAPS
     for bz in T.thread_binding($SPLIT, thread="blockIdx.z"):
-        for by in T.thread_binding((m + T.int64($BT - 1)) // T.int64($BT), thread="blockIdx.y"):
+        for by in T.thread_binding($GRID_Y, thread="blockIdx.y"):
             for bx in T.thread_binding($NBLK, thread="blockIdx.x"):
                 for tx in T.thread_binding($THREADS, thread="threadIdx.x"):
                     smem = T.alloc_buffer(($SMEM,), "uint8", scope="shared.dyn")
                     T.evaluate(T.cuda.func_call(
                         "$NAME", x.access_ptr("r"), qweight.access_ptr("r"), scales.access_ptr("r"),
-                        $ZPTR, $BPTR, y.access_ptr("w"), $WSPTR, smem.access_ptr("rw"), m, bx, by, bz, tx,
+                        $ZPTR, $BPTR, y.access_ptr("w"), $WSPTR, $SKPTR, smem.access_ptr("rw"), m, bx, by, bz, tx,
                         $MAPARGS, source_code=$SRC))
 $REDUCE
 ''')
@@ -524,21 +614,38 @@ T.tensormap_encode_tiled(wmap, qweight.data, T.int64($KW), T.int64($N), T.int64(
 ''')
 
 
+# stream-K's workspace: each block's fp32 partial (its accumulators, PART floats), and the start counter and
+# the blocks' flags, zeroed by a one-block kernel before the GEMM (TVM's workspace pool does not clear them)
+_STREAM_K = Template('''
+ws = T.alloc_buffer(($P * $PART,), "float32", scope="global")
+sk = T.alloc_buffer(($P1,), "int32", scope="global")
+for zb in T.thread_binding(1, thread="blockIdx.x"):
+    for zt in T.thread_binding($P1, thread="threadIdx.x"):
+        sk[zt] = 0
+''')
+
+
 def gemm_wgmma_func(attrs: dict, cfg: Config, arch: str = "sm_90"):
     """The wgmma GEMM PrimFunc for one int4 spec, or None where it does not take it."""
     if not takes(attrs, arch, cfg):
         return None
     n, k, g = int(attrs["n"]), int(attrs["k"]), int(attrs["group_size"])
     sym, bias = bool(attrs["symmetric"]), bool(attrs["has_bias"])
-    name, src = kernel_source(attrs, cfg)
+    sms = DEFAULTS.get(arch, _H200).sms
+    name, src = kernel_source(attrs, cfg, sms)
     null = 'scales.access_ptr("r")'  # stands in for absent zeros / bias (never read)
     ws, reduce = split_k_reduce(n, cfg.split_k, bias) if cfg.split_k > 1 else ("", "")
+    if cfg.stream_k:
+        ws = _STREAM_K.substitute(P=sms, P1=sms + 1, PART=cfg.m_tiles * cfg.tokens // 2 * 128 * cfg.warpgroups)
     maps = _MAPS.substitute(K=k, K2=2 * k, KW=k // 8, KW4=k // 2, N=n, BT=cfg.tokens, XR=cfg.x_box, WBOX=min(cfg.rows, 256))
     text = _KERNEL.substitute(
         MAPS=indent(maps.strip("\n"), 4) if cfg.tma else "",
         MAPARGS=("T.address_of(xmap), T.address_of(xsmap), T.address_of(wmap)" if cfg.tma
                  else "T.uint64(0), T.uint64(0), T.uint64(0)"),
-        SIGNATURE=signature("gemm_wgmma", attrs), BT=cfg.tokens, NBLK=n // cfg.rows, SPLIT=cfg.split_k,
+        SIGNATURE=signature("gemm_wgmma", attrs), BT=cfg.tokens, SPLIT=cfg.split_k,
+        NBLK=sms if cfg.stream_k else n // cfg.rows,
+        GRID_Y="1" if cfg.stream_k else f"(m + T.int64({cfg.tokens - 1})) // T.int64({cfg.tokens})",
+        SKPTR='sk.access_ptr("rw")' if cfg.stream_k else null,
         THREADS=128 * cfg.warpgroups, SMEM=cfg.smem_bytes(), NAME=name, SRC=repr(src),
         ZPTR=null if sym else 'zeros.access_ptr("r")', BPTR='bias.access_ptr("r")' if bias else null,
         WS=indent(ws, 4), WSPTR='ws.access_ptr("w")' if ws else 'y.access_ptr("w")', REDUCE=indent(reduce, 4))
