@@ -80,9 +80,11 @@ WGMMA_VARIANTS.update({"t256w2m1s4cp": dict(tma=False), "t128w1m1s4cp": dict(tok
 WGMMA_VARIANTS.update({f"t16w{w}m1s{s}" + (f"k{k}" if k > 1 else ""): dict(tokens=16, warpgroups=w, stages=s, split_k=k)
                        for w, s, k in ((1, 4, 4), (1, 6, 2), (1, 8, 1), (1, 8, 2), (1, 8, 4), (2, 8, 2), (2, 8, 4))})
 # stream-K (one block per SM sharing all tiles' K pairs) with token tiles near a ~200-token prompt's size
-WGMMA_VARIANTS.update({f"t{t}w{w}m1s{s}sk": dict(tokens=t, warpgroups=w, stages=s, stream_k=True)
-                       for t, w, s in ((256, 2, 4), (256, 2, 3), (224, 2, 4), (208, 2, 4), (192, 2, 4), (128, 2, 4),
-                                       (128, 1, 4))})
+# (sk: one block per SM; skB: B blocks per SM, for tiles small enough that B fit)
+WGMMA_VARIANTS.update({f"t{t}w{w}m1s{s}sk" + (str(b) if b > 1 else ""): dict(tokens=t, warpgroups=w, stages=s, stream_k=b)
+                       for t, w, s, b in ((256, 2, 4, 1), (256, 2, 3, 1), (224, 2, 4, 1), (208, 2, 4, 1), (192, 2, 4, 1),
+                                          (128, 2, 4, 1), (128, 1, 4, 1), (128, 1, 4, 3), (128, 1, 3, 3), (128, 2, 4, 2),
+                                          (208, 1, 3, 2), (256, 1, 3, 2), (192, 1, 3, 2), (64, 1, 4, 4))})
 VARIANT_SETS = {"mma": MMA_VARIANTS, "wgmma": WGMMA_VARIANTS}  # per copy kind
 VARIANTS_ENV = "NIBBLE_BENCH_VARIANTS"  # --variants, for the compile workers
 

@@ -68,10 +68,10 @@ def parse_config(text):
     gemm_wgmma.Config: the inverse of Config.label."""
     from schedules.gemm_wgmma import Config
 
-    t, w, mt, s, k, x, cp, sk = re.fullmatch(r"t(\d+)w(\d+)m(\d+)s(\d+)(?:k(\d+))?(?:x(\d+))?(cp)?(sk)?",
+    t, w, mt, s, k, x, cp, sk, skn = re.fullmatch(r"t(\d+)w(\d+)m(\d+)s(\d+)(?:k(\d+))?(?:x(\d+))?(cp)?(sk(\d*))?",
                                              text).groups()
     return Config(tokens=int(t), warpgroups=int(w), m_tiles=int(mt), stages=int(s), split_k=int(k or 1),
-                  x_rows=int(x or Config.x_rows), tma=not cp, stream_k=bool(sk))
+                  x_rows=int(x or Config.x_rows), tma=not cp, stream_k=int(skn or 1) if sk else 0)
 
 
 def build(k, n, ablation, out_dir, config="t256w2m1s4cp"):

@@ -59,7 +59,7 @@ h200_wgmma_ablation.md). Thread 0 issues the copies and also computes, so each e
 costs its warpgroup time; a producer warp with "empty" barriers instead ran 1.2-1.4x slower
 (h200_wgmma_producer.md).
 
-Stream-K (Config.stream_k; h200_wgmma_stream_k.md). Where a grid is one or two partial waves (wide N at
+Stream-K (Config.stream_k; h200_wgmma_stream_k.md). Where a grid runs a partial second wave (N > 12288 at
 m = 129..256), it gets one block per SM. Each block computes an equal share of all tiles' 128-k pairs:
   * a tile shared by several blocks is finished by the block holding its last pair, which adds the others'
     fp32 partials (workspace ws[block], a flag per block, zeroed by a one-block kernel before the GEMM);
@@ -88,8 +88,8 @@ class Config:
     tma: bool = True  # stage x and W by TMA (one thread, mbarrier per stage) instead of per-thread cp.async
     x_rows: int = 32  # TMA: token rows per small x box. A token tile less than 3/4 full loads its rows < m in
     # small boxes, a fuller one in one box of the whole tile (rows past m: zeros, slow for TMA to fill)
-    stream_k: bool = False  # one block per SM, each an equal share of all tiles' 128-k pairs (fp32 partials
-    # for tiles shared between blocks): no partial last wave where the grid holds few tiles per SM
+    stream_k: int = 0  # > 0: stream_k blocks per SM, each an equal share of all tiles' 128-k pairs (fp32
+    # partials for tiles shared between blocks): no partial last wave where the grid holds few tiles per SM
 
     @property
     def x_box(self) -> int:
@@ -105,7 +105,7 @@ class Config:
         return (f"t{self.tokens}w{self.warpgroups}m{self.m_tiles}s{self.stages}"
                 + (f"k{self.split_k}" if self.split_k > 1 else "")
                 + (f"x{self.x_rows}" if self.tma and self.x_rows != Config.x_rows else "") + ("" if self.tma else "cp")
-                + ("sk" if self.stream_k else ""))
+                + ("sk" if self.stream_k else "") + (str(self.stream_k) if self.stream_k > 1 else ""))
 
     def check(self) -> str | None:
         if self.tokens % 16 or not 16 <= self.tokens <= 256:
@@ -118,6 +118,8 @@ class Config:
             return "stages must be >= 3"
         if self.split_k < 1:
             return "split_k must be >= 1"
+        if not 0 <= self.stream_k <= 7:
+            return "stream_k (blocks per SM) must be 0..7"
         if self.stream_k and self.split_k > 1:
             return "stream_k shares K between blocks itself: split_k must be 1"
         regs = self.m_tiles * (self.tokens // 2 + 32) + 40  # accumulators, two A buffers, the rest
@@ -163,15 +165,17 @@ class ArchConfig:
 # splits K in 2 (4096->12288 20.6 vs 27.0 us, 4096->22016 32.2 vs 36.0), m = 129..256 on N = 4096 in 4
 # (m = 128 / 200 / 256: 15.4 / 21.3 / 22.4 vs 20.4 / 22.6 / 22.1 us; 11008->4096 28.4 / 43.9 / 45.8 vs
 # 45.4 / 52.1 / 48.5).
-# Stream-K (h200_wgmma_stream_k.md): at m = 129..256 wide N gives 96-172 blocks of 128 rows x 256 tokens, one
-# partial wave or 1.3 waves on 132 SMs; sharing every block's K pairs evenly over one block per SM took m = 200
-# from 45.9 / 99.6 us (128-token tiles, one warpgroup) to 43.0 / 70.5 on 4096->12288 / 4096->22016.
+# m = 129..256 (h200_wgmma_stream_k.md, run of 06:11 UTC; us at m = 160 / 200 / 256): the 256-token, 128-row
+# tile. 4096->12288 gives 96 blocks, one wave on 132 SMs: 48.0 / 41.9 / 42.0, against 46.5 / 44.2 / 44.4 by
+# stream-K, whose pieces cost more than the idle SMs; wider N runs 1.3 waves (4096->22016: 172 blocks),
+# where stream-K (one block per SM, each an equal share of all tiles' K pairs) gives 71.2 / 71.0 / 71.7 against
+# 95.8 / 86.6 / 90.9. More, smaller stream-K blocks per SM (one warpgroup, 2-4 per SM) ran slower in every case.
 _BIG = Config()
-_SK256 = Config(stream_k=True)
+_SK256 = Config(stream_k=1)
 _H200 = ArchConfig(by_rows=(
     (32, ((4096, Config(tokens=32)), (1 << 30, Config(tokens=32, warpgroups=1, split_k=2)))),
     (64, ((4096, Config(tokens=64)), (1 << 30, Config(tokens=64, warpgroups=1)))),
-    (256, ((4096, Config(tokens=128, split_k=4)), (1 << 30, _SK256))),
+    (256, ((4096, Config(tokens=128, split_k=4)), (12288, _BIG), (1 << 30, _SK256))),
     (1024, ((4096, Config(tokens=128)), (1 << 30, _BIG))),
     (1 << 30, ((1 << 30, _BIG),))))
 DEFAULTS = {"sm_90": _H200}
@@ -191,7 +195,7 @@ def default_for(arch: ArchConfig, n: int, rows: int | None) -> Config:
 
 
 SPACE = {"tokens": (64, 128, 192, 256), "warpgroups": (1, 2), "m_tiles": (1, 2), "stages": (3, 4, 5),
-         "split_k": (1, 2, 4), "x_rows": (16, 32, 64), "stream_k": (False, True)}
+         "split_k": (1, 2, 4), "x_rows": (16, 32, 64), "stream_k": (0, 1)}
 MAX_SMEM = 227 * 1024
 
 
@@ -559,7 +563,8 @@ def _wgmma_asm(bt: int) -> str:
 
 
 def kernel_source(attrs: dict, cfg: Config, sms: int = 132) -> tuple[str, str]:
-    """(helper name, CUDA source) of the kernel body for one int4 spec and config (sms: the stream-K grid)."""
+    """(helper name, CUDA source) of the kernel body for one int4 spec and config (sms: the GPU's SMs, for
+    stream-K's grid)."""
     n, k, g = int(attrs["n"]), int(attrs["k"]), int(attrs["group_size"])
     sym, bias = bool(attrs["symmetric"]), bool(attrs["has_bias"])
     name = f"nb_wgmma_n{n}_k{k}_g{g}_{cfg.label()}{'' if sym else '_z'}{'_b' if bias else ''}"
@@ -568,7 +573,7 @@ def kernel_source(attrs: dict, cfg: Config, sms: int = 132) -> tuple[str, str]:
     stage = Template(_STAGE_WS if split else _STAGE_Y).substitute(
         B0="__half2float(bias[ra])" if bias else "0.f", B8="__half2float(bias[rb])" if bias else "0.f")
     body = _BODY.substitute(
-        NAME=name, K=k, N=n, G=g, SKP=sms if cfg.stream_k else 0, TMA=int(cfg.tma), XR=cfg.x_box, BT=cfg.tokens, WG=cfg.warpgroups, MT=cfg.m_tiles, S=cfg.stages,
+        NAME=name, K=k, N=n, G=g, SKP=sms * cfg.stream_k, TMA=int(cfg.tma), XR=cfg.x_box, BT=cfg.tokens, WG=cfg.warpgroups, MT=cfg.m_tiles, S=cfg.stages,
         SPLIT=cfg.split_k, YST=_tile_row_bytes(cfg), WGMMA=_wgmma_asm(cfg.tokens),
         Z0=zero or "zr[ra * NG + gi]", Z8=zero or "zr[rb * NG + gi]",
         CH=cfg.rows * (4 if split else 2) // 16, STAGE_OUT=stage.strip("\n"),
@@ -636,14 +641,14 @@ def gemm_wgmma_func(attrs: dict, cfg: Config, arch: str = "sm_90"):
     null = 'scales.access_ptr("r")'  # stands in for absent zeros / bias (never read)
     ws, reduce = split_k_reduce(n, cfg.split_k, bias) if cfg.split_k > 1 else ("", "")
     if cfg.stream_k:
-        ws = _STREAM_K.substitute(P=sms, P1=sms + 1, PART=cfg.m_tiles * cfg.tokens // 2 * 128 * cfg.warpgroups)
+        ws = _STREAM_K.substitute(P=sms * cfg.stream_k, P1=sms * cfg.stream_k + 1, PART=cfg.m_tiles * cfg.tokens // 2 * 128 * cfg.warpgroups)
     maps = _MAPS.substitute(K=k, K2=2 * k, KW=k // 8, KW4=k // 2, N=n, BT=cfg.tokens, XR=cfg.x_box, WBOX=min(cfg.rows, 256))
     text = _KERNEL.substitute(
         MAPS=indent(maps.strip("\n"), 4) if cfg.tma else "",
         MAPARGS=("T.address_of(xmap), T.address_of(xsmap), T.address_of(wmap)" if cfg.tma
                  else "T.uint64(0), T.uint64(0), T.uint64(0)"),
         SIGNATURE=signature("gemm_wgmma", attrs), BT=cfg.tokens, SPLIT=cfg.split_k,
-        NBLK=sms if cfg.stream_k else n // cfg.rows,
+        NBLK=sms * cfg.stream_k if cfg.stream_k else n // cfg.rows,
         GRID_Y="1" if cfg.stream_k else f"(m + T.int64({cfg.tokens - 1})) // T.int64({cfg.tokens})",
         SKPTR='sk.access_ptr("rw")' if cfg.stream_k else null,
         THREADS=128 * cfg.warpgroups, SMEM=cfg.smem_bytes(), NAME=name, SRC=repr(src),

@@ -29,7 +29,8 @@ def test_takes_only_what_it_tiles():
     for bad in (24, 512):  # TMA x boxes: whole 1 KiB swizzle atoms, at most 256 rows
         assert "x_rows must be a multiple of 16 up to 256" in Config(x_rows=bad).check()
     assert Config(x_rows=24, tma=False).check() is None  # cp.async staging has no boxes
-    assert "split_k must be 1" in Config(stream_k=True, split_k=2).check()  # stream-K splits K itself
+    assert "split_k must be 1" in Config(stream_k=1, split_k=2).check()  # stream-K splits K itself
+    assert Config(stream_k=8).check() and Config(tokens=128, warpgroups=1, stream_k=3).label() == "t128w1m1s4sk3"
     assert Config(tokens=208, x_rows=32).x_box == 16 and Config(x_rows=64).x_box == 64  # boxes stay in the tile
     assert takes(spec(4096, 512), "sm_90", Config(split_k=2)) and not takes(spec(4096, 512), "sm_90", Config(split_k=4))
 
@@ -48,7 +49,8 @@ def test_default_tile_by_bucket_and_n():
     assert cfg(4096, 128) == Config(tokens=128, split_k=4) and cfg(4096, 256) == Config(tokens=128, split_k=4)
     assert cfg(12288, 32) == Config(tokens=32, warpgroups=1, split_k=2)  # the table's floor over the rule's 1
     assert cfg(12288, 64) == Config(tokens=64, warpgroups=1) and cfg(4096, 200) == Config(tokens=128, split_k=4)
-    assert cfg(22016, 256) == cfg(12288, 200) == Config(stream_k=True)  # one block per SM: no split rule
+    assert cfg(22016, 256) == cfg(22016, 200) == Config(stream_k=1)  # one block per SM: no split rule
+    assert cfg(12288, 200) == Config()  # 96 blocks: one wave
     assert cfg(4096, 1024) == Config(tokens=128) and cfg(22016, 1024) == Config()
     assert cfg(4096) == cfg(22016) == Config()
     assert cfg(4096, 64, k=384) == Config(tokens=64)  # 3 pairs of 64-k blocks: too short to split 4 ways
@@ -60,7 +62,7 @@ def test_default_tile_by_bucket_and_n():
     (128, 512, QuantConfig(64, symmetric=False), True, {"tokens": 208, "warpgroups": 1, "stages": 3}),
     (128, 1024, QuantConfig(), True, {"tokens": 64, "warpgroups": 1, "split_k": 2}),
     (256, 1024, QuantConfig(), False, {"tma": False}),
-    (256, 1024, QuantConfig(), True, {"tokens": 128, "stream_k": True}),
+    (256, 1024, QuantConfig(), True, {"tokens": 128, "stream_k": 1}),
 ])
 def test_rule_emits_wgmma_kernel(n, k, cfg, bias, config):
     import tvm
@@ -102,12 +104,13 @@ def test_rule_emits_wgmma_kernel(n, k, cfg, bias, config):
     (1024, QuantConfig(), False, {"tokens": 128, "warpgroups": 1, "x_rows": 16}),  # up to 6 small x boxes
     (512, QuantConfig(), True, {"tokens": 16, "warpgroups": 4, "m_tiles": 2}),  # 512 W rows: two TMA boxes
     # stream-K: at m = 1 half the 132 blocks have no pairs, the rest one; at m = 600 tiles span 2 blocks
-    (4096, QuantConfig(), False, {"stream_k": True}),
+    (4096, QuantConfig(), False, {"stream_k": 1}),
     # 8 pairs per tile, ~2.4 per block: tiles finished from 3-4 blocks' partials
-    (1024, QuantConfig(128, symmetric=False), True, {"tokens": 64, "warpgroups": 1, "stream_k": True}),
+    (1024, QuantConfig(128, symmetric=False), True, {"tokens": 64, "warpgroups": 1, "stream_k": 1}),
     # pieces that start inside a 256-k group; cp.async staging across a block's pieces
-    (1024, QuantConfig(256, symmetric=False), True, {"tokens": 208, "stream_k": True}),
-    (1024, QuantConfig(), True, {"tokens": 128, "tma": False, "stream_k": True}),
+    (1024, QuantConfig(256, symmetric=False), True, {"tokens": 208, "stream_k": 1}),
+    (1024, QuantConfig(), True, {"tokens": 128, "tma": False, "stream_k": 1}),
+    (1024, QuantConfig(), False, {"tokens": 64, "warpgroups": 1, "stream_k": 3}),  # 396 blocks, 3 per SM
 ])
 def test_wgmma_numerics_on_gpu(k, cfg, bias, config):
     """m from 1 past several token tiles (partial last tiles: x in one box or in small ones, rows past m
