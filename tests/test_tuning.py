@@ -244,3 +244,18 @@ def test_gemm_bucket_copies_are_tasks_of_their_own():
     assert tasks["k:wgmma"].ms == (PREFILL_M,) and tasks["k:wgmma"].default(cuda) == vars(gemm_wgmma.Config())
     assert tasks["k:wgmma:129-256"].default(cuda)["tokens"] == 128  # 128-token tiles for m <= 256
     assert all(isinstance(t, Task) for t in tasks.values())
+
+
+def test_space_skips_what_the_template_refuses():
+    """A task's search space leaves out knob combinations its template's Config.check refuses (stream-K
+    with a K split), and keeps the rest."""
+    import itertools
+
+    from compiler.tuning import Task
+    from schedules.gemm_wgmma import SPACE, Config
+
+    space = Task("k:wgmma", None, "wgmma", 256).space()
+    assert space and all(Config(**c).check() is None for c in space)
+    assert not any(c["stream_k"] and c["split_k"] > 1 for c in space)
+    assert any(c["stream_k"] for c in space) and any(c["split_k"] > 1 for c in space)
+    assert len(space) < len(list(itertools.product(*SPACE.values())))
