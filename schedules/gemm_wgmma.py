@@ -296,7 +296,7 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
   // only ever waits for blocks already running: no deadlock however many fit on the GPU). A block walks
   // its range from the end, a tile's piece at a time (each through its own pipeline fill and epilogue:
   // streaming the next piece's first blocks through the ring during this one's last, with the epilogue's
-  // tile in shared memory of its own, ran 1.1-1.2x slower; h200_wgmma_stream_k.md). The piece holding a
+  // tile in shared memory of its own, ran 1.08-1.15x slower; h200_wgmma_stream_k.md). The piece holding a
   // tile's last pair finishes the tile: it adds the fp32 partials of the blocks before it, which wrote
   // them (their range's last piece) first thing, and stores y; a piece short of the tile's end writes its
   // partial to ws[block] and raises its flag.
@@ -462,7 +462,8 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
       if (pend < PAIRS) {  // short of the tile's end: the partial for the block that finishes the tile
         #pragma unroll
         for (int i = 0; i < MT * BT / 8; ++i)
-          __stcg(part + (long long)vid * PART + i * THREADS + tid, make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
+          __stcg(part + (long long)vid * PART + i * THREADS + tid,
+                 make_float4(acc[4 * i], acc[4 * i + 1], acc[4 * i + 2], acc[4 * i + 3]));
         __threadfence();
         __syncthreads();
         if (tid == 0) asm volatile("st.release.gpu.global.u32 [%0], 1;" :: "l"(sk + 1 + vid) : "memory");
