@@ -58,7 +58,7 @@ ABLATIONS = {
     # not a removal: the epilogue before the shared-memory tile (scattered 2 B stores from the accumulators)
     "direct_store": lambda s: re.sub(r" *nbw_wait<0>\(\);\n *__syncthreads\(\);\n *// the epilogue.*?\n(?=  \} while)",
                                      _DIRECT, s, flags=re.S),
-    "no_fixup": lambda s: s.replace("for (int q = q0; q < vid; ++q)", "for (int q = q0; q < 0; ++q)"),
+    "no_fixup": lambda s: s.replace("pbeg > 0 && q >= 0; --q", "false; --q"),
     "no_partial": lambda s: re.sub(r"__stcg\(part \+ \(long long\)vid[^;]*;", ";", s),
 }
 

@@ -63,8 +63,9 @@ Stream-K (Config.stream_k; h200_wgmma_stream_k.md). Where a grid runs a partial 
 m = 129..256), it gets one block per SM. Each block computes an equal share of all tiles' 128-k pairs:
   * a tile shared by several blocks is finished by the block holding its last pair, which adds the others'
     fp32 partials (workspace ws[block], a flag per block, zeroed by a one-block kernel before the GEMM);
-  * 200 tokens went from 0.67-0.84x cuBLAS fp16 to 0.81-0.88x. The rest is the pieces' own pipeline fills
-    and epilogues (~9 us) and the finishing blocks' reads of the partials (2-6 us).
+  * 200 tokens went from 0.67-0.84x cuBLAS fp16 to 0.82-0.89x (h200_nibble_bench_run4.md). The rest is
+    the pieces' own pipeline fills and epilogues (~9 us) and the finishing blocks' reads of the partials
+    (2-6 us).
 """
 from __future__ import annotations
 
@@ -302,11 +303,6 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
   // partial to ws[block] and raises its flag.
   long long ulo = 0, u = 0, units = 0;
   int vid = 0;
-  auto piece = [&](long long at, long long& tile, int& pb, int& pe) {  // the piece ending at unit at
-    tile = (at - 1) / PAIRS;
-    pb = (int)(max(ulo, tile * PAIRS) - tile * PAIRS);
-    pe = (int)(at - tile * PAIRS);
-  };
   if (SKP) {
     __shared__ int vid_s;
     if (tid == 0) vid_s = atomicAdd(sk, 1);
@@ -321,8 +317,10 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
   do {
     long long tile = 0;
     int pbeg, pend;  // this piece's K slice: pairs [pbeg, pend) = 64-k blocks [kbeg, kend)
-    if (SKP) {
-      piece(u, tile, pbeg, pend);
+    if (SKP) {  // the piece ending at unit u
+      tile = (u - 1) / PAIRS;
+      pbeg = (int)(max(ulo, tile * PAIRS) - tile * PAIRS);
+      pend = (int)(u - tile * PAIRS);
       bx = (int)(tile % (N / BN));
       by = (int)(tile / (N / BN));
     } else {  // slices differ by at most one pair; constants without a split: a known trip count and parity

@@ -138,3 +138,23 @@ def test_wgmma_numerics_on_gpu(k, cfg, bias, config):
         assert np.isfinite(got).all(), m
         err = np.linalg.norm(got - ref) / np.linalg.norm(ref)
         assert err <= 2e-3, (m, err)
+
+
+@pytest.mark.parametrize("config", ["t256w2m1s4cp", "t208w2m1s4sk"])
+def test_ablation_edits_find_their_kernel_text(config):
+    """benchmarks/wgmma_ablation.py removes parts of the kernel by editing its CUDA text: every edit must
+    still find what it edits (else the ablation times the full kernel under another name)."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    import wgmma_ablation
+
+    from schedules.gemm_wgmma import kernel_source
+
+    cfg = wgmma_ablation.parse_config(config)
+    assert cfg.label() == config
+    _, src = kernel_source({"n": 4096, "k": 4096, "group_size": 128, "symmetric": True, "has_bias": False}, cfg)
+    for name, edit in wgmma_ablation.ABLATIONS.items():
+        if name != "full" and (cfg.stream_k or name not in ("no_fixup", "no_partial")):
+            assert edit(src) != src, name
