@@ -30,7 +30,8 @@ def test_takes_only_what_it_tiles():
         assert "x_rows must be a multiple of 16 up to 256" in Config(x_rows=bad).check()
     assert Config(x_rows=24, tma=False).check() is None  # cp.async staging has no boxes
     assert "split_k must be 1" in Config(stream_k=1, split_k=2).check()  # stream-K splits K itself
-    assert Config(stream_k=8).check() and Config(tokens=128, warpgroups=1, stream_k=3).label() == "t128w1m1s4sk3"
+    assert "stream_k (blocks per SM) must be 0..7" in Config(stream_k=8).check()
+    assert Config(tokens=128, warpgroups=1, stream_k=3).label() == "t128w1m1s4sk3"
     assert Config(tokens=208, x_rows=32).x_box == 16 and Config(x_rows=64).x_box == 64  # boxes stay in the tile
     assert takes(spec(4096, 512), "sm_90", Config(split_k=2)) and not takes(spec(4096, 512), "sm_90", Config(split_k=4))
 
