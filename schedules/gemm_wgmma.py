@@ -171,11 +171,17 @@ class ArchConfig:
 # stream-K, whose pieces cost more than the idle SMs; wider N runs 1.3 waves (4096->22016: 172 blocks),
 # where stream-K (one block per SM, each an equal share of all tiles' K pairs) gives 71.2 / 71.0 / 71.7 against
 # 95.8 / 86.6 / 90.9. More, smaller stream-K blocks per SM (one warpgroup, 2-4 per SM) ran slower in every case.
+# m = 65..128 has an entry of its own (h200_wgmma_128.md, fifteenth session; us at m = 65 / 96 / 128): the
+# 256-token tiles above, which served it until the tuner's run 9 found them 1.27x / 1.16x slower, waste half
+# the tile there (4096->12288 43.0 / 43.8 / 47.0, 4096->22016 66.7 / 67.2 / 70.7); the 128-token, 128-row tile
+# gives 34.8 / 30.7 / 31.1 and 52.7 / 51.4 / 54.4, within 3% of the best variant on both (K split in 2
+# or 4, stream-K, one warpgroup).
 _BIG = Config()
 _SK256 = Config(stream_k=1)
 _H200 = ArchConfig(by_rows=(
     (32, ((4096, Config(tokens=32)), (1 << 30, Config(tokens=32, warpgroups=1, split_k=2)))),
     (64, ((4096, Config(tokens=64)), (1 << 30, Config(tokens=64, warpgroups=1)))),
+    (128, ((4096, Config(tokens=128, split_k=4)), (1 << 30, Config(tokens=128)))),
     (256, ((4096, Config(tokens=128, split_k=4)), (12288, _BIG), (1 << 30, _SK256))),
     (1024, ((4096, Config(tokens=128)), (1 << 30, _BIG))),
     (1 << 30, ((1 << 30, _BIG),))))
