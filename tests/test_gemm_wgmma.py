@@ -52,10 +52,23 @@ def test_default_tile_by_bucket_and_n():
     assert cfg(12288, 64) == Config(tokens=64, warpgroups=1) and cfg(4096, 200) == Config(tokens=128, split_k=4)
     assert cfg(22016, 256) == cfg(22016, 200) == Config(stream_k=1)  # one block per SM: no split rule
     assert cfg(12288, 200) == Config()  # 96 blocks: one wave
+    assert cfg(12288, 128) == cfg(22016, 128) == Config(tokens=128)  # 96 / 172 blocks: unsplit
     assert cfg(4096, 1024) == Config(tokens=128) and cfg(22016, 1024) == Config()
     assert cfg(4096) == cfg(22016) == Config()
     assert cfg(4096, 64, k=384) == Config(tokens=64)  # 3 pairs of 64-k blocks: too short to split 4 ways
     assert cfg(4160) == Config(warpgroups=1)  # 4160 % 128 != 0
+
+
+@pytest.mark.parametrize("n", [256, 4096, 11008, 12288, 22016, 32000])
+def test_bounded_copies_fit_their_tokens_in_one_tile(n):
+    """No bounded copy's default token tile is wider than the copy's bound R: the 65-128-token copy ran the
+    129-256 bucket's 256-token tiles, half padding, 1.16-1.27x slower (h200_wgmma_128.md)."""
+    from compiler.dispatch import ROUTES
+    from schedules.gemm_wgmma import default_config
+
+    for rows in [r for r, kind in ROUTES if kind == "wgmma" and r is not None]:
+        c = default_config(_target(), tagged_copy("wgmma", n, 4096, rows))
+        assert c.tokens <= rows, (rows, c)
 
 
 @pytest.mark.parametrize("n,k,cfg,bias,config", [
