@@ -60,7 +60,7 @@ def test_default_tile_by_bucket_and_n():
 
 
 @pytest.mark.parametrize("n", [256, 4096, 11008, 12288, 22016, 32000])
-def test_bounded_copies_fit_their_tokens_in_one_tile(n):
+def test_no_bounded_copy_has_a_token_tile_wider_than_its_bound(n):
     """No bounded copy's default token tile is wider than the copy's bound R: the 65-128-token copy ran the
     129-256 bucket's 256-token tiles, half padding, 1.16-1.27x slower (h200_wgmma_128.md)."""
     from compiler.dispatch import ROUTES
