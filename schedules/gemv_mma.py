@@ -57,12 +57,6 @@ VERSION = 1  # bump when the kernel changes meaning: tuning records of other ver
 class Config:
     warps: int = 8  # warps per thread block; they split the 128-k chunks of the block's rows
     row_tiles: int = 1  # 16-row W tiles per warp (each x fragment feeds row_tiles mmas: less x traffic)
-    # warps of a block that take different rows instead of different chunks (warps / row_warps split the
-    # chunks): a block covers 16 * row_tiles * row_warps rows and the row_warps warps reading one chunk
-    # read the same x, so it comes from L2 once per block (L1 serves the others). Why: every block reads
-    # all of x (m x K x 2 bytes, 128 KiB at 16 tokens and K = 4096) from L2, and with 16-row blocks that
-    # is 4x the weight bytes at 16 tokens, 2x at 8.
-    row_warps: int = 1
     chunks: int = 2  # U: chunks per pipeline step: a lane has 2 * row_tiles * U 16-byte loads in flight
     # while it computes the previous U chunks
     # PTX qualifiers of the weight loads ("": TVM's plain vector load). The weights are read once: through
@@ -70,13 +64,6 @@ class Config:
     # asks L2 for the whole 256-byte segment, which the block's other warps read next. H200, M = 1..8
     # (h200_gemv_loads.md): 2-8% faster than plain loads on the four Llama shapes.
     loads: str = "nc.L1::no_allocate.L2::256B"
-
-    def check(self) -> str | None:
-        if self.warps < 1 or self.chunks < 1 or self.row_tiles < 1 or self.row_warps < 1:
-            return "warps, chunks, row_tiles and row_warps must be >= 1"
-        if self.warps % self.row_warps:
-            return f"row_warps ({self.row_warps}) must divide warps ({self.warps})"
-        return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -192,7 +179,7 @@ __forceinline__ __device__ void nb_mma_chunk(float* acc, const unsigned* w0, con
 # $-fields as in _KERNEL plus IT and BUF.
 _LOAD = Template('''
 for u in T.unroll($U):
-    c = T.meta_var(($IT * $U + u) * $WK + $WKI)
+    c = T.meta_var(($IT * $U + u) * $W + warp)
     if c < $C:
         for rt in T.unroll($RT):
             for h in T.unroll(2):
@@ -203,7 +190,7 @@ $WLOAD
 ''')
 _MATH = Template('''
 for u in T.unroll($U):
-    c = T.meta_var(($IT * $U + u) * $WK + $WKI)
+    c = T.meta_var(($IT * $U + u) * $W + warp)
     if c < $C:
         for rt in T.unroll($RT):
             q = T.meta_var((($BUF * $U + u) * $RT + rt) * 2)
@@ -248,7 +235,7 @@ $SIGNATURE
     for by in T.thread_binding((m + T.int64($TOK - 1)) // T.int64($TOK), thread="blockIdx.y"):
         for bx in T.thread_binding($NBLK, thread="blockIdx.x"):
             for tx in T.thread_binding($W * 32, thread="threadIdx.x"):
-                red = T.alloc_buffer(($WK * $OUT,), "float32", scope="shared")
+                red = T.alloc_buffer(($W * $OUT,), "float32", scope="shared")
                 acc = T.alloc_buffer(($RT * 8,), "float32", scope="local")
                 wv = T.alloc_buffer((2 * $U * $RT * 8,), "uint32", scope="local")
                 sc = T.alloc_buffer((2 * $U * $RT * 2,), "float16", scope="local")
@@ -260,11 +247,11 @@ $SIGNATURE
                 for i in T.unroll($RT * 8):
                     acc[i] = T.float32(0)
 $PIPELINE
-                # fragment (rt, token tile j, i) = block row TILE*16 + r + 8*(i // 2), token 8j + 2t + i % 2
+                # fragment (rt, token tile j, i) = row rt*16 + r + 8*(i // 2), token 8j + 2t + i % 2
                 for rt in T.unroll($RT):
                     for j in T.unroll($TT):
                         for i in T.unroll(4):
-                            red[$WKI * $OUT + ($TILE * 16 + r + i // 2 * 8) * $TOK + j * 8 + t * 2 + i % 2] = acc[rt * 8 + j * 4 + i]
+                            red[warp * $OUT + (rt * 16 + r + i // 2 * 8) * $TOK + j * 8 + t * 2 + i % 2] = acc[rt * 8 + j * 4 + i]
                 T.tvm_storage_sync("shared")
 $STORE''')
 # out index o = token * RB + row: consecutive threads store consecutive features
@@ -275,7 +262,7 @@ for e in T.unroll($OPT):
         tok = T.meta_var(by * $TOK + T.Cast("int64", o // $RB))
         if tok < m:
             s[0] = T.float32(0)
-            for w in T.unroll($WK):
+            for w in T.unroll($W):
                 s[0] = s[0] + red[w * $OUT + o % $RB * $TOK + o // $RB]
             y[tok, bx * $RB + o % $RB] = T.Cast("float16", $VAL)'''
 # swiglu: out index o = token * RB / 2 + f; output f of the block is silu(gate row) * up row, the rows
@@ -293,7 +280,7 @@ for e in T.unroll($OPT):
         if tok < m:
             sg[0] = T.float32(0)
             sg[1] = T.float32(0)
-            for w in T.unroll($WK):
+            for w in T.unroll($W):
                 sg[0] = sg[0] + red[w * $OUT + gate * $TOK + o // ($RB // 2)]
                 sg[1] = sg[1] + red[w * $OUT + (gate + 8) * $TOK + o // ($RB // 2)]
             gh[0] = T.Cast("float16", sg[0])
@@ -302,44 +289,37 @@ for e in T.unroll($OPT):
                 T.float16(0) - gh[0]))) * gh[1]'''
 
 
-def _row(n: int, rb: int, tile: str, swiglu: bool) -> str:
-    """The row of W that lane row r of half h (rows r / r + 8 of the mma tile) of the block's 16-row tile
-    `tile` (an expression) of block bx reads; rb rows per block. SwiGLU: row r of the tile's 8-row gate
-    slice (h = 0, W's rows [0, N/2)) or of the up slice (h = 1, N/2 + the same): one 16-row tile holds
-    the gate and up rows of 8 outputs, so the block's partial sums pair them with no weight re-layout."""
+def _row(n: int, rt: int, swiglu: bool) -> str:
+    """The row of W that lane row r of half h (rows r / r + 8 of the mma tile) of row tile rt of block bx
+    reads. SwiGLU: row r of the block's 8-row gate slice (h = 0, W's rows [0, N/2)) or of the up slice
+    (h = 1, N/2 + the same): one 16-row tile holds the gate and up rows of 8 outputs, so the block's
+    partial sums pair them with no weight re-layout."""
     if swiglu:
-        return f"h * {n // 2} + bx * {rb // 2} + {tile} * 8 + r"
-    return f"bx * {rb} + {tile} * 16 + h * 8 + r"
+        return f"h * {n // 2} + bx * {8 * rt} + rt * 8 + r"
+    return f"bx * {16 * rt} + rt * 16 + h * 8 + r"
 
 
 def gemv_mma_func(attrs: dict, rows: int, cfg: Config):
     """The tensor-core GEMV PrimFunc for one int4 spec and token bucket (m <= rows), or None."""
     n, k, g = int(attrs["n"]), int(attrs["k"]), int(attrs["group_size"])
     sym, bias = bool(attrs["symmetric"]), bool(attrs["has_bias"])
-    if not takes(attrs, "sm_80") or rows > 16 or cfg.check() is not None:
-        return None
-    rt, wr = cfg.row_tiles, cfg.row_warps
-    while rt > 1 and n % (16 * rt):  # a block's rows must tile N: fewer row tiles, then fewer row warps
+    rt = cfg.row_tiles
+    while rt > 1 and n % (16 * rt):
         rt //= 2
-    while wr > 1 and (n % (16 * rt * wr) or cfg.warps % wr):
-        wr //= 2
-    if n % (16 * rt):
+    if not takes(attrs, "sm_80") or rows > 16 or n % (16 * rt) or cfg.warps < 1 or cfg.chunks < 1:
         return None
     swiglu = is_swiglu(attrs)
     if swiglu and (bias or not sym):
         return None  # not built: Llama's gate/up projections have neither
     tt = 1 if rows <= 8 else 2
-    wk = cfg.warps // wr  # warps splitting the chunks
-    tok, rb, c = 8 * tt, 16 * rt * wr, k // CHUNK
+    tok, rb, c = 8 * tt, 16 * rt, k // CHUNK
     out = rb * tok
-    # warp = (row warp, chunk warp); spelled as before when there is one row warp (the same kernel)
-    wki, tile = ("warp", "rt") if wr == 1 else (f"warp % {wk}", f"(warp // {wk} * {rt} + rt)")
-    row = _row(n, rb, tile, swiglu)
+    row = _row(n, rt, swiglu)
     zero = "T.float16(8)" if sym else f"zeros[{row}, c * {CHUNK} // {g}]"
     val = f'T.Cast("float32", bias[bx * {rb} + o % {rb}]) + s[0]' if bias else "s[0]"
     fields = dict(
-        K=k, G=g, C=c, CHUNK=CHUNK, TT=tt, TOK=tok, W=cfg.warps, WK=wk, WKI=wki, TILE=tile, RT=rt,
-        U=cfg.chunks, ITERS=math.ceil(c / (cfg.chunks * wk)), RB=rb, NBLK=n // rb, OUT=out,
+        K=k, G=g, C=c, CHUNK=CHUNK, TT=tt, TOK=tok, W=cfg.warps, RT=rt,
+        U=cfg.chunks, ITERS=math.ceil(c / (cfg.chunks * cfg.warps)), RB=rb, NBLK=n // rb, OUT=out,
         OPT=math.ceil(out // (2 if swiglu else 1) / (32 * cfg.warps)), ROW=row, ZERO=zero, VAL=val,
         SIGNATURE=signature("gemv_mma", attrs, n // 2 if swiglu else n), HELPERS=repr(_HELPERS))
     fields["WLOAD"] = _weight_load(cfg.loads, row, k // 8)

@@ -80,8 +80,7 @@ def _chain(f: int):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("config", [{}, {"row_tiles": 2, "warps": 4}, {"warps": 8, "row_warps": 4},
-                                    {"row_tiles": 2, "warps": 4, "row_warps": 2}])
+@pytest.mark.parametrize("config", [{}, {"row_tiles": 2, "warps": 4}])
 def test_copies_give_the_chains_bits_on_gpu(config):
     """Every m in 1..16 (and 13 / 21 tokens over two tiles of the 8- / 16-token copy): the SwiGLU copy's
     output equals, bit for bit, the plain copy's output followed by TVM's kernel for the graph's SwiGLU."""
