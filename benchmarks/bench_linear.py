@@ -53,10 +53,6 @@ VARIANT_MS = (1, 4)
 # copy at every M it serves (name suffix -> Config overrides)
 MMA_VARIANTS = {f"w{w}u{u}": dict(warps=w, chunks=u) for w in (4, 8, 16) for u in (1, 2, 4)}
 MMA_VARIANTS.update({f"w{w}u{u}r2": dict(warps=w, chunks=u, row_tiles=2) for w, u in ((8, 2), (4, 2), (4, 4), (16, 1), (16, 2))})
-# x prefetched into L1 a pipeline step ahead (gemv_mma.Config.x_prefetch), on the per-N default and others
-MMA_VARIANTS.update({"xpf": dict(x_prefetch=True)})
-MMA_VARIANTS.update({f"w{w}u{u}{'r2' if rt == 2 else ''}xpf": dict(warps=w, chunks=u, row_tiles=rt, x_prefetch=True)
-                     for w, u, rt in ((4, 2, 1), (8, 2, 1), (16, 2, 1), (4, 4, 2), (8, 2, 2), (16, 2, 2))})
 # weight loads with cache qualifiers (gemv_mma.Config.loads), on each copy's per-N default config
 MMA_VARIANTS.update({"plain": dict(loads=""), "nc": dict(loads="nc.L1::no_allocate"), "p256": dict(loads="L2::256B")})
 # Hopper wgmma GEMM (schedules/gemm_wgmma.py) variants, timed with --candidates beside each "wgmma" copy:

@@ -64,9 +64,6 @@ class Config:
     # asks L2 for the whole 256-byte segment, which the block's other warps read next. H200, M = 1..8
     # (h200_gemv_loads.md): 2-8% faster than plain loads on the four Llama shapes.
     loads: str = "nc.L1::no_allocate.L2::256B"
-    # prefetch each step's x lines into L1 one pipeline step ahead (`prefetch.global.L1`), so the math's
-    # x loads hit L1 instead of waiting on L2 after the weights arrive
-    x_prefetch: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -207,22 +204,6 @@ for u in T.unroll($U):
                 $TT, sc[q], sc[q + 1], zc[q], zc[q + 1], source_code=$HELPERS))
 ''')
 
-# x prefetch of group IT (Config.x_prefetch): lane (r, t) touches the line of its token's x at the chunk
-# (4 lanes x 64 B of one token row = 2 lines); once per token tile. Only after the grid wait: x is the
-# previous kernel's output.
-_PREFETCH = Template('''
-for u in T.unroll($U):
-    c = T.meta_var(($IT * $U + u) * $W + warp)
-    if c < $C:
-        for j in T.unroll($TT):
-            T.evaluate(T.cuda.func_call("nb_pf_l1", x.access_ptr(
-                "r", offset=T.min(by * $TOK + T.Cast("int64", r + j * 8), m - T.int64(1)) * T.int64($K)
-                + T.Cast("int64", c * $CHUNK + t * 32)), source_code=$PFSRC))
-''')
-_PF_HELPER = """
-__forceinline__ __device__ void nb_pf_l1(const void* p) { asm volatile("prefetch.global.L1 [%0];" :: "l"(p)); }
-"""
-
 # One lane's 16 bytes of W (the 4 words of row ROW at chunk c): TVM's vector load, or (Config.loads)
 # inline PTX with cache qualifiers. $-fields ROW, KW (words per row), LDNAME and LDSRC (the helper's name
 # and source).
@@ -349,10 +330,6 @@ def gemv_mma_func(attrs: dict, rows: int, cfg: Config):
             stages.append(_LOAD.substitute(fields, IT=it, BUF=it % 2))
         if it == 0:  # the first group's weights are in flight before x, the previous kernel's output
             stages.append(GRID_WAIT)
-            if cfg.x_prefetch:
-                stages.append(_PREFETCH.substitute(fields, IT=0, PFSRC=repr(_PF_HELPER)))
-        if cfg.x_prefetch and 1 <= it < fields["ITERS"]:
-            stages.append(_PREFETCH.substitute(fields, IT=it, PFSRC=repr(_PF_HELPER)))
         if it >= 1:
             stages.append(_MATH.substitute(fields, IT=it - 1, BUF=(it - 1) % 2))
     src = _KERNEL.substitute(fields, PIPELINE=indent("\n".join(stages), 16))

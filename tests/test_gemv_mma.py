@@ -28,7 +28,6 @@ def test_takes_only_what_it_tiles():
     (256, 4096, 8, QuantConfig(), False, {}),
     (64, 11008, 16, QuantConfig(128, symmetric=False), True, {}),  # 86 chunks: a partial last iteration
     (96, 512, 1, QuantConfig(-1), False, {"row_tiles": 2, "warps": 4}),  # 96 % 32: row_tiles falls to 1
-    (256, 4096, 16, QuantConfig(), False, {"x_prefetch": True}),
 ])
 def test_rule_emits_mma_kernel(n, k, rows, cfg, bias, config):
     import tvm
@@ -51,8 +50,6 @@ def test_rule_emits_mma_kernel(n, k, rows, cfg, bias, config):
     if not config:  # TVM's own vector load where no qualifiers are asked for
         _, plain = _build({"k": _copy(n, k, rows, cfg, bias, loads="")})
         assert "*(uint4*)(wv_ptr + 0) = *(uint4*)(qweight_ptr" in plain and "ld.global.nc" not in plain
-    if config.get("x_prefetch"):  # x's lines are prefetched only after the wait (the previous kernel's output)
-        assert "prefetch.global.L1" in src and body.index("nb_grid_wait();") < body.index("nb_pf_l1(")
     assert GEMVMMA().apply(func, tvm.target.Target("llvm"), False) is None
     assert GEMVMMA().apply(func.with_attr({KERNEL_ATTR: "gemv"}), _target(), False) is None  # not our copy
 
@@ -72,13 +69,12 @@ def test_mma_numerics_on_gpu(k, cfg, bias):
     w = dequantize(parts, k, cfg)
     b = rng.standard_normal(n).astype(np.float16) if bias else None
     ex, _ = _build({"g8": _copy(n, k, 8, cfg, bias), "g16": _copy(n, k, 16, cfg, bias),
-                    "g8r2": _copy(n, k, 8, cfg, bias, row_tiles=2, warps=4, chunks=2),
-                    "g16pf": _copy(n, k, 16, cfg, bias, x_prefetch=True)})
+                    "g8r2": _copy(n, k, 8, cfg, bias, row_tiles=2, warps=4, chunks=2)})
     dev = tvm.cuda(0)
     ws = [tvm.runtime.tensor(parts[p], device=dev) for p in ("qweight", "scales", "zeros") if p in parts]
     if bias:
         ws.append(tvm.runtime.tensor(b, device=dev))
-    for m, name in [(m, "g8" if m <= 8 else "g16") for m in range(1, 17)] + [(3, "g8r2"), (13, "g8"), (21, "g16"), (16, "g16pf"), (21, "g16pf")]:
+    for m, name in [(m, "g8" if m <= 8 else "g16") for m in range(1, 17)] + [(3, "g8r2"), (13, "g8"), (21, "g16")]:
         x = rng.standard_normal((m, k)).astype(np.float16)
         y = tvm.runtime.tensor(np.full((m, n), np.nan, np.float16), device=dev)
         ex[name](tvm.runtime.tensor(x, device=dev), *ws, y)
