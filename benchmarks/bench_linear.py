@@ -253,24 +253,10 @@ def build_all(jobs: list[Job], workers: int) -> list:
 
 def _static_m(n, k, m):
     """The same PrimFunc with m a constant (stock dlight then picks its GEMV for m=1: its best case)."""
-    import compiler.int4_kernel as ik
+    from compiler.int4_kernel import int4_matmul_func
     from compiler.quantize import QuantConfig
 
-    real = ik.tirx
-
-    class _StaticM:  # int4_matmul_func's only Var is m
-        def __getattr__(self, name):
-            return getattr(real, name)
-
-        @staticmethod
-        def Var(name, dtype):  # noqa: N802
-            return real.IntImm(dtype, m)
-
-    ik.tirx = _StaticM()
-    try:
-        return ik.int4_matmul_func(n, k, QuantConfig(GROUP, True))
-    finally:
-        ik.tirx = real
+    return int4_matmul_func(n, k, QuantConfig(GROUP, True), m=m)
 
 
 # -- measuring -------------------------------------------------------------------------------------

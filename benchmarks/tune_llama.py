@@ -110,11 +110,12 @@ def main():
     print(json.dumps(meta), flush=True)
 
     mod, tasks = llama_tasks(spec)
-    meta["llama_tasks"], meta["llama_trials"] = len(tasks), args.trials
-    if args.compare_only:
+    meta["llama_tasks"] = len(tasks)
+    if args.compare_only:  # no trials, no tune time: the records file's winners
         best = TuningLog(Path(args.compare_only), spec).best()
-        meta["llama_tune_s"], meta["records"] = float("nan"), args.compare_only
+        meta["records"] = args.compare_only
     else:
+        meta["llama_trials"] = args.trials
         t0 = time.perf_counter()
         best = tune(tasks, spec, log, args.trials, out=lambda s: print(s, flush=True))
         meta["llama_tune_s"] = time.perf_counter() - t0

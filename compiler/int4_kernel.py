@@ -39,12 +39,13 @@ def silu_times(g, u):
 
 
 def int4_matmul_func(n: int, k: int, cfg: QuantConfig, x_dtype: str = "float16",
-                     has_bias: bool = False, swiglu: bool = False) -> tvm.tirx.PrimFunc:
+                     has_bias: bool = False, swiglu: bool = False, m: int | None = None) -> tvm.tirx.PrimFunc:
     """The PrimFunc (x[m, K] x_dtype, qweight, scales[, zeros][, bias]) -> y[m, N] x_dtype, or with
-    swiglu -> y[m, N / 2] = silu(first half of the N outputs) * second half."""
+    swiglu -> y[m, N / 2] = silu(first half of the N outputs) * second half. The token count m is a
+    symbolic Var, or the given constant (a static workload: stock dlight's m = 1 case, meta-schedule)."""
     g = cfg.group(k)
-    m = tirx.Var("m", "int64")
     i64 = lambda v: tirx.IntImm("int64", v)  # one index dtype everywhere: dlight's reindex needs it
+    m = tirx.Var("m", "int64") if m is None else i64(m)
     n_, k_ = i64(n), i64(k)
     x = te.placeholder((m, k_), x_dtype, name="x")
     qweight = te.placeholder((n_, i64(math.ceil(k / 8))), "uint32", name="qweight")

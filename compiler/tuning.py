@@ -7,12 +7,13 @@ token bucket serving m = L..R, timed at both ends and scored by the sum, since a
 can lose at L: run 5 in benchmarks/results/h200_tune.md; the unbounded GEMM, at PREFILL_M; or the CPU
 kernel); its space is the product of SPACE's values.
 
-Why not meta-schedule's trace search: our decode GEMV is a template that emits a new PrimFunc (its
-dequantize trick cannot be reached with schedule primitives), so there is no trace for meta-schedule to
-replay or mutate; and meta-schedule's generic space for a 1x4096x4096 int4 GEMV measured 2636 us on the
-H200 (hundreds of times dlight). What we keep of its method: candidates are proposed by an XGBoost cost
-model fitted to the measurements so far (its features: the knob values), with some random picks, and
-every measured candidate is a real build timed on the device.
+How it is searched (compiler/search.py): with meta-schedule's pieces. The knobs are sampled decisions
+(`sample_categorical` in a `ScheduleFn`, annotated on the PrimFunc's root block), `EvolutionarySearch`
+proposes candidates ranked by its `XGBModel` cost model (features: the knob values), and every candidate
+is a real build of our template timed on the device by `measure` (weights rotated past the L2, which
+meta-schedule's runner does not do). Not meta-schedule's generic schedule rules: their space for a
+1x4096x4096 int4 GEMV measured 2636 us on the H200 (hundreds of times dlight), and our decode GEMV's
+dequantize trick cannot be reached with schedule primitives; the templates emit their own PrimFunc.
 
 Records: one JSON object per line in tuning_logs/<arch>.jsonl, appended under an exclusive file lock
 with a single write, so an interrupted tune loses at most the candidate in flight and two tunes on one
@@ -24,11 +25,9 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import importlib
-import itertools
 import json
 import math
 import os
-import random
 import time
 import warnings
 from pathlib import Path
@@ -74,13 +73,6 @@ class Task:
     @property
     def template(self):
         return importlib.import_module(TEMPLATES[self.kind])
-
-    def space(self) -> list[dict]:
-        space = getattr(self.template, "SPACE", {})
-        names = list(space)
-        out = [dict(zip(names, vals)) for vals in itertools.product(*(space[n] for n in names))]
-        check = getattr(self.template.Config, "check", None)  # knob combinations the template refuses
-        return [c for c in out if check is None or check(self.template.Config(**c)) is None]
 
     def default(self, spec: dict | None = None) -> dict:
         """The config the template uses untuned for this target (its measured per-arch default)."""
@@ -331,37 +323,20 @@ def _winner(measured: dict, default=None):
     return best
 
 
-def _features(cfg: dict, values: dict[str, list]) -> list[float]:
-    """The cost model's inputs for a config: one number per searched knob (values: knob -> its values in
-    the space), log2 of a positive number, else the value's index in the knob's list. Fields a config has
-    beyond the space (a default's non-searched fields, e.g. gemv_mma's `loads` string) are left out, so
-    every row has the same columns."""
-    def num(name):
-        v = cfg.get(name)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return math.log2(v) if v > 0 else float(v)
-        return float(values[name].index(v)) if v in values[name] else -1.0
-    return [num(name) for name in values]
+def _workload(task: Task):
+    """The IRModule meta-schedule searches for a task: its int4 PrimFunc with m fixed to the token count it
+    is tuned at (meta-schedule's argument info needs constant shapes)."""
+    import tvm
 
+    from schedules.template import is_swiglu
 
-def propose(space: list[dict], measured: dict[str, float], batch: int, rng: random.Random) -> list[dict]:
-    """The next candidates: XGBoost's predicted fastest unmeasured configs, plus a random one."""
-    todo = [c for c in space if json.dumps(c, sort_keys=True) not in measured]
-    if len(todo) <= batch:
-        return todo
-    done = [(json.loads(k), us) for k, us in measured.items() if us < FAILED_US]
-    if len(done) < 4:
-        return rng.sample(todo, batch)
-    import xgboost
+    from .int4_kernel import int4_matmul_func
+    from .quantize import QuantConfig
 
-    values = {name: sorted({c[name] for c in space}, key=repr) for name in space[0]}
-    train = xgboost.DMatrix(np.array([_features(c, values) for c, _ in done]), label=np.log([us for _, us in done]))
-    booster = xgboost.train({"max_depth": 3, "eta": 0.3, "verbosity": 0}, train, num_boost_round=50)
-    pred = booster.predict(xgboost.DMatrix(np.array([_features(c, values) for c in todo])))
-    order = [todo[i] for i in np.argsort(pred)]
-    picks = order[: batch - 1]
-    rest = order[batch - 1:]
-    return picks + [rng.choice(rest)]  # exploration: the model only knows what it has seen
+    a = task.func.attrs[ATTR]
+    f = int4_matmul_func(int(a["n"]), int(a["k"]), QuantConfig(int(a["group_size"]), bool(a["symmetric"])),
+                         str(a["x_dtype"]), bool(a["has_bias"]), is_swiglu(a), m=task.m)
+    return tvm.IRModule({"main": f.with_attr("global_symbol", "main")})
 
 
 def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bool = False,
@@ -369,6 +344,8 @@ def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bo
     """Tune every task with up to `trials` candidates in total (split by call weight); returns the best
     record per task. With resume, measured candidates already in the log count and are not re-run."""
     from .runtime import _device
+    from .search import Search
+    from .target import tvm_target
 
     dev = _device("cuda" if spec["kind"] == "cuda" else "cpu")
     if spec["kind"] == "cuda":
@@ -381,21 +358,22 @@ def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bo
     for r in log_.records(versions, out) if resume else []:
         previous.setdefault(r["key"], {})[json.dumps(r["config"], sort_keys=True)] = r["us"]
     total_w = sum(t.calls for t in tasks) or 1
-    rng = random.Random(seed)
     best: dict[str, dict] = {}
     t_start, done_trials = time.perf_counter(), 0
     budget = {t.key: max(1, round(trials * t.calls / total_w)) for t in tasks}
     for ti, task in enumerate(tasks, 1):
-        space = task.space()
         measured = dict(previous.get(task.key, {}))
         default = task.default(spec)
+        search = Search(_workload(task), task.template.SPACE, task.template.Config, tvm_target(spec), batch, seed)
+        search.seed([(json.loads(k), us) for k, us in measured.items()])
         first = [default] if json.dumps(default, sort_keys=True) not in measured else []
         n_new = 0
         while n_new < budget[task.key]:
-            cands = first or propose(space, measured, batch, rng)
+            cands, proposed = (first, False) if first else (search.propose(), True)
             first = []
             if not cands:
                 break
+            times = []
             for cfg in cands[: budget[task.key] - n_new]:
                 try:
                     us = measure(task, cfg, spec, dev)
@@ -404,6 +382,7 @@ def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bo
                     us = float("inf")
                 key = json.dumps(cfg, sort_keys=True)
                 measured[key] = us
+                times.append(us)
                 log_.append({"key": task.key, "kind": task.kind, "version": versions.get(task.kind, 1),
                              "arch": log_.arch, "m": task.m, "ms": list(task.ms), "config": cfg, "us": us if math.isfinite(us) else 10 * FAILED_US,
                              "default": cfg == default, "time": time.strftime("%Y-%m-%dT%H:%M:%S")})
@@ -414,6 +393,10 @@ def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bo
                 eta = (time.perf_counter() - t_start) / done_trials * max(left, 0)
                 status = f"best {measured[bk]:.2f} us {bk}  ETA {eta:.0f} s" if bk else "no valid config yet"
                 out(f"[{ti}/{len(tasks)}] {task.key}  trial {n_new}/{budget[task.key]}  {status}")
+            if proposed:
+                search.tell(times)
+            else:  # the template default, measured first: the search starts from it
+                search.seed(list(zip(cands, times)))
         dk = json.dumps(default, sort_keys=True)
         bk = _winner(measured, dk)
         if bk:

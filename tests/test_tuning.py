@@ -157,20 +157,40 @@ def test_a_candidate_must_beat_the_default_by_the_margin(tmp_path, cand_us, wins
     assert best["b:cpu"]["us"] == 2.9
 
 
-def test_propose_sees_only_the_searched_knobs():
-    """The first measurement is the template default, a dict of every Config field, strings included
-    (gemv_mma's `loads`): the cost model must still get one numeric column per searched knob (a str
-    field once stopped every mma task at its fifth trial)."""
-    import random
+def test_search_proposes_new_configs_of_searched_knobs_only():
+    """meta-schedule's evolutionary search (compiler/search.py) over gemv_mma's knobs: it starts from the
+    measured template default, a dict of every Config field, strings included (`loads`: a str field once
+    stopped every mma task at its fifth trial), proposes only unmeasured configs of SPACE's knobs, never
+    one that Config.check refuses, and runs until the space is spent."""
+    import itertools
 
-    from compiler.tuning import propose
-    from schedules.gemv_mma import SPACE
+    import tvm
 
-    space = [dict(zip(SPACE, v)) for v in __import__("itertools").product(*SPACE.values())]
-    default = dict(space[0], loads="nc.L1::no_allocate.L2::256B", stages=2)
-    measured = {json.dumps(c, sort_keys=True): 10.0 + i for i, c in enumerate([default] + space[1:5])}
-    picks = propose(space, measured, 4, random.Random(0))
-    assert len(picks) == 4 and all(json.dumps(p, sort_keys=True) not in measured for p in picks)
+    from compiler.int4_kernel import int4_matmul_func
+    from compiler.quantize import QuantConfig
+    from compiler.search import Search, features
+    from schedules import gemm_wgmma, gemv_mma
+
+    mod = tvm.IRModule({"main": int4_matmul_func(512, 4096, QuantConfig(), m=16).with_attr("global_symbol", "main")})
+    llvm = tvm.target.Target({"kind": "llvm"})
+    default = dataclasses.asdict(gemv_mma.Config())
+    search = Search(mod, gemv_mma.SPACE, gemv_mma.Config, llvm, batch=4)
+    search.seed([(default, 10.0)])
+    seen = []
+    while picks := search.propose():
+        assert 1 <= len(picks) <= 4 and all(set(p) == set(gemv_mma.SPACE) for p in picks)
+        seen += picks
+        search.tell([11.0 + i for i in range(len(picks))])
+    every = [dict(zip(gemv_mma.SPACE, v)) for v in itertools.product(*gemv_mma.SPACE.values())]
+    knobs = {k: default[k] for k in gemv_mma.SPACE}
+    assert sorted(map(str, seen)) == sorted(str(c) for c in every if c != knobs)  # each once, the default never
+    assert len(features(default, gemv_mma.SPACE)) == len(gemv_mma.SPACE)  # `loads` is not a feature
+
+    search = Search(mod, gemm_wgmma.SPACE, gemm_wgmma.Config, llvm, batch=4, seed=1)
+    for _ in range(5):
+        picks = search.propose()
+        assert all(gemm_wgmma.Config(**p).check() is None for p in picks)  # stream-K with a K split: never
+        search.tell([5.0] * len(picks))
 
 
 def test_tuning_starts_from_the_templates_arch_default():
@@ -244,18 +264,3 @@ def test_gemm_bucket_copies_are_tasks_of_their_own():
     assert tasks["k:wgmma"].ms == (PREFILL_M,) and tasks["k:wgmma"].default(cuda) == vars(gemm_wgmma.Config())
     assert tasks["k:wgmma:129-256"].default(cuda)["tokens"] == 128  # 128-token tiles for m <= 256
     assert all(isinstance(t, Task) for t in tasks.values())
-
-
-def test_space_skips_what_the_template_refuses():
-    """A task's search space leaves out knob combinations its template's Config.check refuses (stream-K
-    with a K split), and keeps the rest."""
-    import itertools
-
-    from compiler.tuning import Task
-    from schedules.gemm_wgmma import SPACE, Config
-
-    space = Task("k:wgmma", None, "wgmma", 256).space()
-    assert space and all(Config(**c).check() is None for c in space)
-    assert not any(c["stream_k"] and c["split_k"] > 1 for c in space)
-    assert any(c["stream_k"] for c in space) and any(c["split_k"] > 1 for c in space)
-    assert len(space) < len(list(itertools.product(*SPACE.values())))
