@@ -83,6 +83,10 @@ def main():
     ap.add_argument("--example-trials", type=int, default=40)
     ap.add_argument("--out", default=os.environ.get("OUT", "."))
     ap.add_argument("--no-compare", action="store_true", help="stop after tuning (records in OUT/sm_90.jsonl)")
+    ap.add_argument("--tasks", default=None, metavar="SUBSTR",
+                    help="tune only the Llama tasks whose key contains SUBSTR (e.g. ':wgmma:129-256')")
+    ap.add_argument("--resume", action="store_true", help="start from the records already in OUT/sm_90.jsonl "
+                    "(copy tuning_logs/sm_90.jsonl there first): they are not re-run, --trials are new ones")
     ap.add_argument("--compare-only", metavar="LOG", help="no tuning: time the winners of this records file "
                     "(compiler.tuning.TuningLog.best) against the defaults and dlight")
     args = ap.parse_args()
@@ -115,9 +119,12 @@ def main():
         best = TuningLog(Path(args.compare_only), spec).best()
         meta["records"] = args.compare_only
     else:
+        if args.tasks:
+            tasks = [t for t in tasks if args.tasks in t.key]
+            meta["llama_tasks"], meta["only"] = len(tasks), args.tasks
         meta["llama_trials"] = args.trials
         t0 = time.perf_counter()
-        best = tune(tasks, spec, log, args.trials, out=lambda s: print(s, flush=True))
+        best = tune(tasks, spec, log, args.trials, resume=args.resume, out=lambda s: print(s, flush=True))
         meta["llama_tune_s"] = time.perf_counter() - t0
         print(f"Llama task set: {len(tasks)} tasks, {args.trials} trials, {meta['llama_tune_s']:.0f} s", flush=True)
         if args.example_trials:
