@@ -6,9 +6,10 @@ search is the knobs themselves, as sampled decisions:
   * the design space is a `ScheduleFn` that, for each knob in SPACE order, calls `sample_categorical` over
     the indices of its values and annotates the PrimFunc's root block with the result ("nibble.knob.<name>").
     A trace of that space is exactly one Config;
-  * `EvolutionarySearch` samples, mutates (`_Resample`: one knob's decision re-drawn) and picks candidates,
-    ranked by `XGBModel` on `_KnobFeatures` (one column per knob: log2 of a number, else its value's index);
-  * `_Refuse`, a postproc, drops the knob combinations the template's `Config.check` refuses;
+  * `EvolutionarySearch` samples, mutates (`Resample`: one knob's decision re-drawn) and picks candidates,
+    ranked by `XGBModel` on `KnobFeatures` (one column per knob: its value's index in SPACE);
+  * `Refuse`, a postproc, drops the knob combinations the template's `Config.check` refuses (checked with
+    the Config class defaults for fields outside SPACE);
   * candidates are measured by compiler/tuning.py (template build, weights rotated past the L2), which feeds
     the times back as meta-schedule's runner results and records them in a `MemoryDatabase`.
 The workload meta-schedule sees is the task's int4 PrimFunc with m fixed to the token count it is tuned at
@@ -25,6 +26,8 @@ KNOB = "nibble.knob."  # root-block annotation prefix: the index of a knob's val
 
 
 def _derived(cls):
+    """meta-schedule's Py* extension classes must be wrapped so the C++ side can call them (TVM's
+    derived_object); imported here so importing this module does not import tvm."""
     from tvm.ir.utils import derived_object
 
     return derived_object(cls)
@@ -37,14 +40,11 @@ def _knobs(mod, space: dict) -> dict:
 
 
 def features(cfg: dict, space: dict) -> list[float]:
-    """The cost model's inputs for a config: one number per searched knob, log2 of a positive number, else
-    the value's index in the knob's list (fields beyond the space, e.g. gemv_mma's `loads`, are left out)."""
-    def num(name):
-        v = cfg.get(name)
-        if isinstance(v, (int, float)) and not isinstance(v, bool):
-            return math.log2(v) if v > 0 else float(v)
-        return float(space[name].index(v)) if v in space[name] else -1.0
-    return [num(name) for name in space]
+    """The cost model's inputs for a config: per searched knob, its value's index in SPACE (the values are
+    listed in increasing order, so the index keeps their order; log2 of the value made stream_k's 0 and 1,
+    and gemm's split_k 0 = auto and 1, the same number), -1 for a value outside SPACE. Fields beyond the
+    space (e.g. gemv_mma's `loads`) are left out, so every row has the same columns."""
+    return [float(space[n].index(cfg[n])) if cfg.get(n) in space[n] else -1.0 for n in space]
 
 
 def _classes():
@@ -120,8 +120,9 @@ class Search:
         size = math.prod(len(v) for v in self.space.values())
         gen = ms.space_generator.ScheduleFn(self._sample, sch_rules=[], postprocs=[Refuse(self.space, config_cls)],
                                             mutator_probs={Resample(seed): 1.0})
-        # spaces are small (18 configs for gemv_mma, 864 for gemm_wgmma) and trials few (8 a task): a small
-        # population, and a quarter of each batch picked at random, as the model only knows what it has seen
+        # spaces are small (18 configs for gemv_mma, 864 for gemm_wgmma, 6480 for gemm, before Config.check)
+        # and trials few (8 a task): a small population, and a quarter of each batch picked at random, as
+        # the model only knows what it has seen
         strategy = ms.search_strategy.EvolutionarySearch(
             population_size=min(64, 2 * size), init_measured_ratio=0.25, init_min_unmeasured=batch,
             max_fail_count=3, genetic_num_iters=3, genetic_mutate_prob=0.85, eps_greedy=0.25)
@@ -132,7 +133,9 @@ class Search:
         self.model = ms.cost_model.XGBModel(extractor=KnobFeatures(self.space), config=XGBConfig(max_depth=3, nthread=1),
                                             num_warmup_samples=4, adaptive_training=False, num_tuning_cores=1)
         self.workload = self.db.commit_workload(workload)
-        self.ctx.pre_tuning(max_trials=4 * size,  # re-proposed known configs count as trials too
+        # the search stops itself after max_trials candidates; tune() stops it first (its trial budget, or
+        # propose() finding the space spent), but re-proposed known configs count as candidates too
+        self.ctx.pre_tuning(max_trials=4 * size,
                             num_trials_per_iter=batch, design_spaces=self.ctx.generate_design_space(),
                             database=self.db, cost_model=self.model)
         self.known: dict[tuple, float] = {}  # knob indices -> us, every config measured so far
@@ -172,7 +175,7 @@ class Search:
             times.append(us)
             self.known[idx] = us
         if cands:
-            self._record(cands, times, commit=[True] * len(cands))
+            self._record(cands, times, new=[True] * len(cands))
 
     def propose(self) -> list[dict]:
         """The next unmeasured candidates (at most `batch`), or [] when the search has nothing new. The
@@ -195,13 +198,14 @@ class Search:
             if new:
                 self.pending = (cands, cfgs, new)
                 return [cfgs[i] for i in new]
-            self._record(cands, [self.known[self.key(c)] for c in cfgs], commit=[False] * len(cands))
+            self._record(cands, [self.known[self.key(c)] for c in cfgs], new=[False] * len(cands))
         self.done = True  # only known configs, batch after batch: the space is spent
         return []
 
     def tell(self, times_us: list[float]) -> None:
         """The times (us; inf: failed to build or run) of the first len(times_us) configs of the last
-        propose(), in order. Candidates left unmeasured (a spent trial budget) are not reported."""
+        propose(), in order. Candidates left unmeasured (a spent trial budget) are not reported, and the
+        evolutionary search does not propose them again: tune() only truncates a task's last batch."""
         cands, cfgs, new = self.pending
         self.pending = ([], [], [])
         for i, us in zip(new, times_us):
@@ -209,17 +213,20 @@ class Search:
         measured = {i for i in new[: len(times_us)]}
         keep = [i for i, c in enumerate(cfgs) if i in measured or (i not in new and self.key(c) in self.known)]
         self._record([cands[i] for i in keep], [self.known[self.key(cfgs[i])] for i in keep],
-                     commit=[i in measured for i in keep])
+                     new=[i in measured for i in keep])
 
-    def _record(self, cands, times_us, commit: list[bool]) -> None:
-        """Feed measured times back: database (where commit), cost model, and the search's bookkeeping."""
+    def _record(self, cands, times_us, new: list[bool]) -> None:
+        """Feed times back to the search's bookkeeping (every candidate: so it counts them as measured), and
+        the new measurements to the database and the cost model (a re-proposed known config once only)."""
         from tvm.s_tir import meta_schedule as ms
 
         results = [ms.runner.RunnerResult(run_secs=[us * 1e-6], error_msg=None) if math.isfinite(us)
                    else ms.runner.RunnerResult(run_secs=None, error_msg="failed to build or run") for us in times_us]
-        for c, r, keep in zip(cands, results, commit):
-            if keep and r.run_secs is not None:
+        for c, r, n in zip(cands, results, new):
+            if n and r.run_secs is not None:
                 self.db.commit_tuning_record(ms.database.TuningRecord(c.sch.trace, self.workload, r.run_secs,
                                                                       self.ctx.target, c.args_info))
-        self.model.update(self.ctx, cands, results)
+        fresh = [i for i, n in enumerate(new) if n]
+        if fresh:
+            self.model.update(self.ctx, [cands[i] for i in fresh], [results[i] for i in fresh])
         self.ctx.notify_runner_results(cands, results)

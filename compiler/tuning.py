@@ -365,7 +365,8 @@ def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bo
         measured = dict(previous.get(task.key, {}))
         default = task.default(spec)
         search = Search(_workload(task), task.template.SPACE, task.template.Config, tvm_target(spec), batch, seed)
-        search.seed([(json.loads(k), us) for k, us in measured.items()])
+        # a resumed log's failed candidates (recorded as >= FAILED_US) go to the search as failures
+        search.seed([(json.loads(k), us if us < FAILED_US else float("inf")) for k, us in measured.items()])
         first = [default] if json.dumps(default, sort_keys=True) not in measured else []
         n_new = 0
         while n_new < budget[task.key]:

@@ -264,3 +264,47 @@ def test_gemm_bucket_copies_are_tasks_of_their_own():
     assert tasks["k:wgmma"].ms == (PREFILL_M,) and tasks["k:wgmma"].default(cuda) == vars(gemm_wgmma.Config())
     assert tasks["k:wgmma:129-256"].default(cuda)["tokens"] == 128  # 128-token tiles for m <= 256
     assert all(isinstance(t, Task) for t in tasks.values())
+
+
+def test_features_tell_every_value_of_a_knob_apart():
+    """The cost model's columns: within every template's SPACE, two values of a knob never give the same
+    feature (log2 once made gemm_wgmma's stream_k 0 and 1, and gemm's split_k 0 and 1, the same)."""
+    import importlib
+
+    from compiler.search import features
+    from compiler.tuning import TEMPLATES
+
+    for module in TEMPLATES.values():
+        space = importlib.import_module(module).SPACE
+        base = {n: v[0] for n, v in space.items()}
+        for name, values in space.items():
+            cols = [features(dict(base, **{name: v}), space)[list(space).index(name)] for v in values]
+            assert len(set(cols)) == len(values), (module, name, cols)
+
+
+def test_tune_measures_the_default_first_and_every_config_once(monkeypatch, tmp_path):
+    """tune() over a whole space (the CPU kernel's 15 configs) with a fake clock: the template default
+    first, every config exactly once, failures (inf) recorded as failed and never the winner, the run over
+    when the space is spent; resumed from its log, it measures nothing again."""
+    from compiler import tuning
+    from compiler.int4_kernel import int4_matmul_func
+    from compiler.quantize import QuantConfig
+    from schedules.cpu import SPACE
+
+    calls = []
+
+    def fake(task, cfg, spec, dev, repeat=7):
+        calls.append(dict(cfg))
+        return float("inf") if cfg["n_chunk"] == 128 else 100.0 / cfg["n_chunk"] + cfg["k_split"]
+    monkeypatch.setattr(tuning, "measure", fake)
+    task = tuning.Task("k:cpu", int4_matmul_func(64, 256, QuantConfig()), "cpu", 16)
+    log = TuningLog(tmp_path / "t.jsonl", SPEC)
+    best = tuning.tune([task], SPEC, log, trials=100, batch=4, out=lambda s: None)
+    assert calls[0] == task.default(SPEC)
+    every = [dict(zip(SPACE, v)) for v in __import__("itertools").product(*SPACE.values())]
+    assert sorted(map(str, calls)) == sorted(map(str, every))  # each once, then the space is spent
+    assert best["k:cpu"]["config"] == {"n_chunk": 64, "k_split": 1}  # the fastest that did not fail
+    assert sum(r["us"] >= tuning.FAILED_US for r in _lines(tmp_path / "t.jsonl")) == 3
+    calls.clear()
+    tuning.tune([task], SPEC, log, trials=100, batch=4, resume=True, out=lambda s: None)
+    assert calls == []
