@@ -238,10 +238,9 @@ def kernel_breakdown(m, ids_len: int, steps: int = 3, prefill: bool = False):
     one) or, with prefill, of the prompt's forward pass (ids_len tokens, empty past), from
     torch.profiler: [name, launches, us] per kernel."""
     import numpy as np
-    import torch
-    from torch.profiler import ProfilerActivity, profile
 
     from compiler.generate import Generator
+    from compiler.timing import kernel_times
 
     gen = Generator(m)
     ids = prompt_ids(int(m.outputs[0]["shape"][-1]))[:, :ids_len]
@@ -256,20 +255,8 @@ def kernel_breakdown(m, ids_len: int, steps: int = 3, prefill: bool = False):
             call = lambda: dec.step(np.array([5]))
         else:
             call = lambda: gen._step(np.array([[5]]), past, ids_len)
-    for _ in range(2):
-        call()
-    with profile(activities=[ProfilerActivity.CUDA, ProfilerActivity.CPU]) as prof:
-        for _ in range(steps):
-            call()
-        _sync(torch)
-    kernels = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            k = kernels.setdefault(e.name, [0, 0.0])
-            k[0] += 1
-            k[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
-    rows = sorted(([n, c // steps, t / steps] for n, (c, t) in kernels.items()), key=lambda r: -r[2])
-    return rows
+    kernels = kernel_times(call, steps, warmup=2, cpu=True)
+    return sorted(([n, c, t] for n, (c, t) in kernels.items()), key=lambda r: -r[2])
 
 
 def _nibble_run(args, onnx_path: Path, art: Path, res: dict, key: str, prefill_breakdown: bool = True):

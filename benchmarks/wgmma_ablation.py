@@ -106,24 +106,11 @@ def build(k, n, ablation, out_dir, config="t256w2m1s4cp"):
 
 
 def kernel_times(calls, reps=5):
-    """{kernel name: mean GPU us per call} over reps passes of calls, from torch.profiler (CUPTI sees TVM's
-    launches in this process)."""
-    import torch
-    from torch.profiler import ProfilerActivity, profile
+    """{kernel name: mean GPU us per call} over reps passes of calls (compiler.timing.kernel_times)."""
+    from compiler.timing import kernel_times as per_pass
 
-    for c in calls:
-        c()
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            for c in calls:
-                c()
-        torch.cuda.synchronize()
-    total = {}
-    for e in prof.events():
-        if e.device_type == torch.autograd.DeviceType.CUDA:
-            total[e.name] = total.get(e.name, 0.0) + e.device_time_total
-    return {name: us / (reps * len(calls)) for name, us in total.items()}
+    times = per_pass(lambda: [c() for c in calls], reps, warmup=1)
+    return {name: us / len(calls) for name, (_, us) in times.items()}
 
 
 def main():

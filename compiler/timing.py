@@ -36,3 +36,28 @@ def graph_time(fn_list, reps: int = 15) -> float:
         if i >= 3:
             times.append(a.elapsed_time(b) * 1e-3 / len(fn_list))
     return float(np.median(times))
+
+
+def kernel_times(call, steps: int, warmup: int = 2, cpu: bool = False) -> dict[str, tuple[int, float]]:
+    """Per GPU kernel name, (launches, GPU us) per call of `call`, averaged over `steps` calls after
+    `warmup` more, from torch.profiler (CUPTI sees TVM's launches in this process; cpu: also record host
+    activity, as a caller that wants launches correlated with host ops does)."""
+    import torch
+    from torch.profiler import ProfilerActivity, profile
+
+    sync = torch.cuda.synchronize if torch.cuda.is_available() else (lambda: None)  # no GPU: no kernels
+    for _ in range(warmup):
+        call()
+    sync()
+    activities = [ProfilerActivity.CUDA] + ([ProfilerActivity.CPU] if cpu else [])
+    with profile(activities=activities) as prof:
+        for _ in range(steps):
+            call()
+        sync()
+    total: dict[str, list] = {}
+    for e in prof.events():
+        if e.device_type == torch.autograd.DeviceType.CUDA:
+            k = total.setdefault(e.name, [0, 0.0])
+            k[0] += 1
+            k[1] += e.device_time_total if hasattr(e, "device_time_total") else e.cuda_time_total
+    return {name: (n // steps, us / steps) for name, (n, us) in total.items()}
