@@ -102,6 +102,12 @@ class Config:
     def rows(self) -> int:
         return 64 * self.warpgroups * self.m_tiles
 
+    @property
+    def partial(self) -> int:
+        """Stream-K: fp32 floats of one block's partial, its accumulators (tokens / 2 per m-tile and thread);
+        the workspace's size per block and the CUDA's stride between blocks' partials."""
+        return self.m_tiles * self.tokens // 2 * 128 * self.warpgroups
+
     def label(self) -> str:
         return (f"t{self.tokens}w{self.warpgroups}m{self.m_tiles}s{self.stages}"
                 + (f"k{self.split_k}" if self.split_k > 1 else "")
@@ -460,7 +466,7 @@ __forceinline__ __device__ void $NAME(const half* __restrict__ x, const unsigned
     ib += kend - kbeg;
     if (SKP) {
       float4* part = reinterpret_cast<float4*>(ws_);  // a block's partial: its accumulators, in register order
-      constexpr int PART = MT * BT / 8 * THREADS;
+      constexpr int PART = $PART / 4;  // float4s of a block's partial (Config.partial floats)
       const long long t0 = tile * PAIRS;
       u = t0 + pbeg;
       if (pend < PAIRS) {  // short of the tile's end: the partial for the block that finishes the tile
@@ -578,7 +584,7 @@ def kernel_source(attrs: dict, cfg: Config, sms: int = 132) -> tuple[str, str]:
     stage = Template(_STAGE_WS if split else _STAGE_Y).substitute(
         B0="__half2float(bias[ra])" if bias else "0.f", B8="__half2float(bias[rb])" if bias else "0.f")
     body = _BODY.substitute(
-        NAME=name, K=k, N=n, G=g, SKP=sms * cfg.stream_k, TMA=int(cfg.tma), XR=cfg.x_box, BT=cfg.tokens, WG=cfg.warpgroups, MT=cfg.m_tiles, S=cfg.stages,
+        NAME=name, K=k, N=n, G=g, SKP=sms * cfg.stream_k, PART=cfg.partial, TMA=int(cfg.tma), XR=cfg.x_box, BT=cfg.tokens, WG=cfg.warpgroups, MT=cfg.m_tiles, S=cfg.stages,
         SPLIT=cfg.split_k, YST=_tile_row_bytes(cfg), WGMMA=_wgmma_asm(cfg.tokens),
         Z0=zero or "zr[ra * NG + gi]", Z8=zero or "zr[rb * NG + gi]",
         CH=cfg.rows * (4 if split else 2) // 16, STAGE_OUT=stage.strip("\n"),
@@ -624,7 +630,7 @@ T.tensormap_encode_tiled(wmap, qweight.data, T.int64($KW), T.int64($N), T.int64(
 ''')
 
 
-# stream-K's workspace: each block's fp32 partial (its accumulators, PART floats), and the start counter and
+# stream-K's workspace: each block's fp32 partial (Config.partial floats), and the start counter and
 # the blocks' flags, zeroed by a one-block kernel before the GEMM (TVM's workspace pool does not clear them)
 _STREAM_K = Template('''
 ws = T.alloc_buffer(($P * $PART,), "float32", scope="global")
@@ -646,7 +652,7 @@ def gemm_wgmma_func(attrs: dict, cfg: Config, arch: str = "sm_90"):
     null = 'scales.access_ptr("r")'  # stands in for absent zeros / bias (never read)
     ws, reduce = split_k_reduce(n, cfg.split_k, bias) if cfg.split_k > 1 else ("", "")
     if cfg.stream_k:
-        ws = _STREAM_K.substitute(P=sms * cfg.stream_k, P1=sms * cfg.stream_k + 1, PART=cfg.m_tiles * cfg.tokens // 2 * 128 * cfg.warpgroups)
+        ws = _STREAM_K.substitute(P=sms * cfg.stream_k, P1=sms * cfg.stream_k + 1, PART=cfg.partial)
     maps = _MAPS.substitute(K=k, K2=2 * k, KW=k // 8, KW4=k // 2, N=n, BT=cfg.tokens, XR=cfg.x_box, WBOX=min(cfg.rows, 256))
     text = _KERNEL.substitute(
         MAPS=indent(maps.strip("\n"), 4) if cfg.tma else "",
