@@ -44,7 +44,12 @@ def features(cfg: dict, space: dict) -> list[float]:
     listed in increasing order, so the index keeps their order; log2 of the value made stream_k's 0 and 1,
     and gemm's split_k 0 = auto and 1, the same number), -1 for a value outside SPACE. Fields beyond the
     space (e.g. gemv_mma's `loads`) are left out, so every row has the same columns."""
-    return [float(space[n].index(cfg[n])) if cfg.get(n) in space[n] else -1.0 for n in space]
+    return [float(i) for i in _indices(cfg, space)]
+
+
+def _indices(cfg: dict, space: dict) -> list[int]:
+    """Per searched knob, the index of cfg's value in SPACE, -1 where it has none there."""
+    return [space[n].index(cfg[n]) if cfg.get(n) in space[n] else -1 for n in space]
 
 
 def _classes():
@@ -152,10 +157,8 @@ class Search:
 
     def key(self, cfg: dict) -> tuple | None:
         """A config's knob indices, or None where a knob's value is not in the space."""
-        try:
-            return tuple(self.space[n].index(cfg[n]) for n in self.space)
-        except (KeyError, ValueError):
-            return None
+        idx = _indices(cfg, self.space)
+        return None if -1 in idx else tuple(idx)
 
     def seed(self, measured: list[tuple[dict, float]]) -> None:
         """Configs measured before the search (the template default, a resumed log's records): into the

@@ -245,9 +245,9 @@ def parser() -> argparse.ArgumentParser:
 
     t = sub.add_parser("tune", help="search the int4 kernels' schedule knobs on this machine's device",
                        description="Quantize the model as compile would, then time schedule candidates for "
-                       "every int4 kernel (GEMV buckets, GEMM; the CPU kernel for llvm), "
-                       "proposed by meta-schedule's evolutionary search and XGBoost cost model. Records append to tuning_logs/<arch>.jsonl; every later "
-                       "compile for that arch uses the best.")
+                       "every int4 kernel (GEMV buckets, GEMM; the CPU kernel for llvm), proposed by "
+                       "meta-schedule's evolutionary search and XGBoost cost model. Records append to "
+                       "tuning_logs/<arch>.jsonl; every later compile for that arch uses the best.")
     t.add_argument("model")
     t.add_argument("--target", default="cuda")
     t.add_argument("--arch")
