@@ -63,6 +63,47 @@ def llama_tasks(spec):
     return mod, extract_tasks(mod, spec)
 
 
+def attention_tasks():
+    """Llama-2-7B's decode attention kernels as compile makes them from nibble/hf.py's export (32 heads of
+    128, fp16 cache, fp32 mask [b, 1, s, T], output in token order): main's over the whole cache and
+    main_new_kv's over (past, new) loaded early, each one-block and split (compiler/fuse_attention.py)."""
+    from compiler.dispatch import KERNEL_ATTR
+    from compiler.tuning import attention_task
+    from schedules.attention import ATTENTION, DEFAULT, SPLIT, attention_func
+
+    dtypes = {"q": "float16", "kv": "float16", "bias": "float32", "out": "float16"}
+    tasks = []
+    for two in (False, True):
+        for cfg in (DEFAULT, SPLIT):
+            f = attention_func(32, 128, 128 ** -0.5, dtypes, ("b", 1, "s"), cfg, two_source=two, out_layout="bshd",
+                               early_loads=two)
+            # calls=1, as llama_tasks' linears: every kernel runs once per layer, so equal trial budgets
+            tasks.append(attention_task(f.with_attr({KERNEL_ATTR: ATTENTION, "tirx.is_scheduled": True}), calls=1))
+    return tasks
+
+
+def compare_attention(tasks, best, spec, rounds: int = 2) -> list[dict]:
+    """Each attention task's tuned config against its default, both timed by tuning.measure (the cache
+    rotated past the L2, summed over the task's two key counts), in alternating order."""
+    import tvm
+
+    from compiler.tuning import measure
+
+    rows = []
+    for t in tasks:
+        d, b = t.default(spec), best.get(t.key, {}).get("config")
+        times = {"default": [], "tuned": []}
+        for _ in range(rounds):
+            for label, cfg in (("default", d), ("tuned", b), ("tuned", b), ("default", d)):
+                if cfg is not None:
+                    times[label].append(measure(t, cfg, spec, tvm.cuda(0)))
+        row = {"key": t.key, "ms": list(t.ms), "default": d, "config": b,
+               **{f"us_{k}": sum(v) / len(v) for k, v in times.items() if v}}
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    return rows
+
+
 def example_tasks(spec, tmp: Path):
     """The tasks of the README's `nibble demo` model (TinyGPT exported to ONNX, fp32, with biases)."""
     from compiler.build import BuildOptions, prepare, quantize
@@ -114,6 +155,7 @@ def main():
     print(json.dumps(meta), flush=True)
 
     mod, tasks = llama_tasks(spec)
+    tasks += attention_tasks()
     meta["llama_tasks"] = len(tasks)
     if args.compare_only:  # no trials, no tune time: the records file's winners
         best = TuningLog(Path(args.compare_only), spec).best()
@@ -136,13 +178,14 @@ def main():
         if args.no_compare:
             return
 
-    # -- tuned vs defaults vs dlight, per shape and M ---------------------------------------------------
+    # -- tuned vs defaults vs dlight, per shape and M; the attention kernels tuned vs default ------------
+    att_rows = compare_attention([t for t in tasks if t.kind == "attention"], best, spec)
     from compiler.dispatch import copy_name, kernel_for
 
     cfg = QuantConfig(128, True)
     dev = torch.device("cuda")
     rows = []
-    for k, n in SHAPES:
+    for k, n in SHAPES if any(t.kind != "attention" for t in tasks) else ():  # (--tasks :attention: : none)
         funcs = {}
         for task in tasks:
             if not task.key.startswith(f"int4_matmul_n{n}_k{k}_"):
@@ -198,7 +241,7 @@ def main():
             row["config"] = best.get(key, {}).get("config")
             rows.append(row)
             print(json.dumps(row), flush=True)
-    (out / "tune_llama.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1))
+    (out / "tune_llama.json").write_text(json.dumps({"meta": meta, "rows": rows, "attention": att_rows}, indent=1))
     lines = [f"# Tuning on {meta['device']} ({meta['date']})", "",
              f"torch {meta['torch']}, TVM {meta['tvm']}. Llama-2-7B task set: {meta['llama_tasks']} tasks, "
              + (f"the winners of {meta['records']} (no tuning in this run)." if args.compare_only else
@@ -211,6 +254,14 @@ def main():
                      f"{t:.1f} | {d / t:.2f}x | {r['us_dlight']:.1f} | {r.get('err_tuned', float('nan')):.1e} | "
                      f"{r['config']} |" if t else
                      f"| {r['K']}->{r['N']} | {r['M']} | {r['kernel']} | {d:.1f} | - | - | {r['us_dlight']:.1f} | - | untuned |")
+    lines += ["", "Decode attention kernels (us summed over the two key counts timed; default and tuned "
+              "alternated, each timed 4 times):", "",
+              "| task | keys | default config | default us | tuned us | default/tuned | tuned config |",
+              "|---|---|---|---|---|---|---|"]
+    for r in att_rows:
+        t = r.get("us_tuned")
+        lines.append(f"| {r['key'].split(':')[0]} | {r['ms']} | {r['default']} | {r['us_default']:.1f} | "
+                     + (f"{t:.1f} | {r['us_default'] / t:.2f}x | {r['config']} |" if t else "- | - | untuned |"))
     (out / "tune_llama.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 

@@ -5,7 +5,9 @@ and their candidate values in `SPACE` ({field: (values...)}); a rule reads a per
 the PrimFunc attr "nibble.config" (a dict of Config fields). A task is one kernel copy (a GEMV or GEMM
 token bucket serving m = L..R, timed at both ends and scored by the sum, since a config that wins at R
 can lose at L: run 5 in benchmarks/results/h200_tune.md; the unbounded GEMM, at PREFILL_M; or the CPU
-kernel); its space is the product of SPACE's values.
+kernel); its space is the product of SPACE's values. The decode attention kernels are tasks too: built by
+their pass from TVMScript rather than scheduled by a rule, they are rebuilt with a config
+(schedules/attention.py `rebuild`), timed at two cache lengths with the cache rotated past the L2.
 
 How it is searched (compiler/search.py): with meta-schedule's pieces. The knobs are sampled decisions
 (`sample_categorical` in a `ScheduleFn`, annotated on the PrimFunc's root block), `EvolutionarySearch`
@@ -40,7 +42,7 @@ from .int4_kernel import ATTR
 
 CONFIG_ATTR = "nibble.config"  # PrimFunc attr: the Config fields a rule must use for this function
 TEMPLATES = {"gemv": "schedules.gemv", "mma": "schedules.gemv_mma", "gemm": "schedules.gemm",
-             "wgmma": "schedules.gemm_wgmma", "cpu": "schedules.cpu"}
+             "wgmma": "schedules.gemm_wgmma", "cpu": "schedules.cpu", "attention": "schedules.attention"}
 DEFAULT_DIR = Path(os.environ.get("NIBBLE_TUNING_LOGS", Path(__file__).resolve().parents[1] / "tuning_logs"))
 # token count the unbounded GEMM copy is tuned at (bucket copies: at their bound). It serves m > 1024 on
 # sm_90 (> 256 on the fallback routes): at 512 the tuner once picked for 11008->4096 a 4-way K split of
@@ -60,8 +62,8 @@ L2_BYTES = 60 << 20  # H200/H100 L2; tuning measurements rotate more weight byte
 class Task:
     key: str  # stable name: "<kernel>:<kind>[:[<low>-]<rows>]" (a bounded copy's token range)
     func: object  # tirx.PrimFunc (symbolic m)
-    kind: str  # "gemv" | "mma" | "gemm" | "wgmma" | "cpu"
-    m: int  # token count measured at (a bounded copy: its bound R)
+    kind: str  # "gemv" | "mma" | "gemm" | "wgmma" | "cpu" | "attention"
+    m: int  # token count measured at (a bounded copy: its bound R; attention: keys in the cache)
     calls: int = 1  # how often one model run calls it (its weight in the ETA and summary)
     low: int | None = None  # a bounded copy's smallest m (the previous bucket's bound + 1)
 
@@ -74,6 +76,21 @@ class Task:
     def template(self):
         return importlib.import_module(TEMPLATES[self.kind])
 
+    @property
+    def space(self) -> dict:
+        """The knobs searched and their values: the template's SPACE (attention: by kernel variant)."""
+        return self.template.space_for(self.func) if hasattr(self.template, "space_for") else self.template.SPACE
+
+    @property
+    def rebuilt(self) -> bool:
+        """Whether a config is applied by building the kernel again (attention: a TVMScript kernel made
+        by its pass) rather than by the "nibble.config" attr its schedule rule reads."""
+        return hasattr(self.template, "rebuild")
+
+    def with_config(self, config: dict):
+        """The task's PrimFunc made to use `config`."""
+        return self.template.rebuild(self.func, config) if self.rebuilt else self.func.with_attr(CONFIG_ATTR, config)
+
     def default(self, spec: dict | None = None) -> dict:
         """The config the template uses untuned for this target (its measured per-arch default)."""
         cfg = self.template.Config()
@@ -85,14 +102,19 @@ class Task:
 
 
 def _kind(func, spec) -> str | None:
+    if KERNEL_ATTR in func.attrs and str(func.attrs[KERNEL_ATTR]) == "attention":
+        return "attention"
     if spec["kind"] == "llvm":
         return "cpu"
     return str(func.attrs[KERNEL_ATTR]) if KERNEL_ATTR in func.attrs else None
 
 
 def extract_tasks(mod, spec: dict) -> list[Task]:
-    """The tunable kernels of a module after the int4 pass (and, for CUDA, the dispatch pass)."""
+    """The tunable kernels of a module after the int4 pass (and, for CUDA, the dispatch pass): the int4
+    kernels' copies and the decode attention kernels (compiler/fuse_attention.py)."""
     from tvm import relax, tirx
+
+    from schedules.attention import ARGS_ATTR
 
     calls: dict[str, int] = {}
 
@@ -102,9 +124,11 @@ def extract_tasks(mod, spec: dict) -> list[Task]:
         if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir":
             calls[e.args[0].name_hint] = calls.get(e.args[0].name_hint, 0) + 1
 
-    relax.analysis.post_order_visit(mod["main"].body, count)
+    for _, f in mod.functions_items():  # the entries (main, main_new_kv): what a model run calls
+        if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs:
+            relax.analysis.post_order_visit(f.body, count)
     funcs = [(gv, f) for gv, f in mod.functions_items()
-             if isinstance(f, tirx.PrimFunc) and f.attrs is not None and ATTR in f.attrs]
+             if isinstance(f, tirx.PrimFunc) and f.attrs is not None and (ATTR in f.attrs or ARGS_ATTR in f.attrs)]
     bounds: dict[str, list[int]] = {}  # base kernel -> the bounds of its bucket copies
     for gv, func in funcs:
         if ROWS_ATTR in func.attrs:
@@ -113,6 +137,9 @@ def extract_tasks(mod, spec: dict) -> list[Task]:
     for gv, func in funcs:
         kind = _kind(func, spec)
         if kind not in TEMPLATES:
+            continue
+        if kind == "attention":  # called by its dispatch function (one-block or split by the keys)
+            tasks.append(attention_task(func, calls.get(gv.name_hint.removesuffix("_split") + "_dispatch", 1)))
             continue
         base = base_name(gv.name_hint)
         n = calls.get(base + "_dispatch", calls.get(gv.name_hint, 1))
@@ -126,6 +153,19 @@ def extract_tasks(mod, spec: dict) -> list[Task]:
         else:
             tasks.append(Task(f"{base}:cpu", func, kind, CPU_M, n))
     return sorted(tasks, key=lambda t: t.key)
+
+
+def attention_task(func, calls: int = 1) -> Task:
+    """The task of a decode attention kernel (schedules/attention.py), keyed by what its speed depends on
+    (the pass's function names carry a counter), timed at the ends of the key counts it serves:
+    "attention_h32_d128_float16_kv2_bshd_early:attention:257-2048" (the split kernel)."""
+    from schedules.attention import TUNE_KEYS, _args, is_split
+
+    a = _args(func)
+    name = (f"attention_h{a['heads']}_d{a['head_dim']}_{a['dtypes']['kv']}" + ("_kv2" if a["two_source"] else "")
+            + f"_{a['out_layout']}" + ("_early" if a["early_loads"] else ""))
+    low, keys = TUNE_KEYS[is_split(func)]
+    return Task(f"{name}:attention:{low}-{keys}", func, "attention", keys, calls, low)
 
 
 # -- records -----------------------------------------------------------------------------------------
@@ -218,7 +258,7 @@ def apply_records(mod, spec: dict, log_: TuningLog | None, log=print):
         if r is None:
             continue
         gv = next(g for g, f in mod.functions_items() if f.same_as(task.func))
-        mod[gv] = task.func.with_attr(CONFIG_ATTR, r["config"])
+        mod[gv] = task.with_config(r["config"])
         applied[task.key] = r
     return mod, applied
 
@@ -234,11 +274,19 @@ def config_from(func, Config, default):
 
 # -- measuring ---------------------------------------------------------------------------------------
 
-def _random_arg(buf, m: int, rng) -> np.ndarray:
-    """Random data for one kernel argument at m tokens (weights random bits, small scales, zeros = 8)."""
-    import tvm
+def _shape(buf, m: int, sizes: dict) -> list[int]:
+    """buf's shape with its symbolic dims given values: by name from `sizes`, else m."""
+    from tvm import sym, tirx
 
-    shape = [int(d) if isinstance(d, tvm.tirx.IntImm) else m for d in buf.shape]
+    ana = sym.Analyzer()
+    for v in {v for d in buf.shape for v in tirx.analysis.undefined_vars(d)}:
+        ana.bind(v, tirx.IntImm(str(v.ty.dtype), sizes.get(v.name, m)))
+    return [int(ana.simplify(d)) for d in buf.shape]
+
+
+def _random_arg(buf, m: int, rng, sizes: dict | None = None) -> np.ndarray:
+    """Random data for one kernel argument at m tokens (weights random bits, small scales, zeros = 8)."""
+    shape = _shape(buf, m, sizes or {})
     dt = str(buf.dtype)
     if dt == "uint32":
         return rng.integers(0, 2**32, shape, dtype=np.uint64).astype(np.uint32)
@@ -256,43 +304,56 @@ def measure(task: Task, config: dict, spec: dict, dev, repeat: int = 7) -> float
     from .target import tvm_target
 
     target = tvm_target(spec)
-    func = task.func.with_attr(CONFIG_ATTR, config).with_attr("global_symbol", "main")
-    mod = tvm.IRModule({"main": func})
-    rule = task.template.rule() if hasattr(task.template, "rule") else None
-    if rule is None:
-        raise NibbleError(f"schedule template {TEMPLATES[task.kind]} has no rule() to tune")
-    with target:
-        mod = dl.ApplyDefaultSchedule(rule)(mod)
+    mod = tvm.IRModule({"main": task.with_config(config).with_attr("global_symbol", "main")})
+    if not task.rebuilt:  # our schedule rule, reading the config from the attr
+        rule = task.template.rule() if hasattr(task.template, "rule") else None
+        if rule is None:
+            raise NibbleError(f"schedule template {TEMPLATES[task.kind]} has no rule() to tune")
+        with target:
+            mod = dl.ApplyDefaultSchedule(rule)(mod)
     if not (mod["main"].attrs and mod["main"].attrs.get("tirx.is_scheduled")):
         return float("inf")  # the template declined this config
     lib = tvm.compile(mod, target=target)
     params = list(mod["main"].params)  # TVM 0.27: typed buffers (name, shape, dtype)
     rng = np.random.default_rng(0)
-    sets = _weight_sets(params, spec, dev, rng)  # independent of m: made once for every m of task.ms
-    return sum(_time_at(lib, params, sets, m, spec, dev, repeat, rng) for m in task.ms)
+    rotate = getattr(task.template, "ROTATE", _WEIGHTS)
+    sizes = task.template.sizes if hasattr(task.template, "sizes") else (lambda m: {})
+    # weights: independent of m, made once per task for every m of task.ms and every candidate (random
+    # data: making 3x the L2 of it took longer than timing a candidate); a KV cache grows with m (its keys)
+    fixed = all(not tvm.tirx.analysis.undefined_vars(d) for p in params if p.name in rotate for d in p.shape)
+    if any(k[0] != task.key for k in _SETS):
+        _SETS.clear()  # another task: free the last one's device memory
+    total = 0.0
+    for m in task.ms:
+        key = (task.key, None if fixed else m, spec["kind"])
+        if key not in _SETS:
+            _SETS[key] = _weight_sets(params, rotate, m, sizes(m), spec, dev, rng)
+        total += _time_at(lib, params, _SETS[key], m, sizes(m), spec, dev, repeat, rng)
+    return total
 
 
-_WEIGHTS = ("qweight", "scales", "zeros")
+_WEIGHTS = ("qweight", "scales", "zeros")  # the int4 kernels' params timed with copies rotated past the L2
+_SETS: dict = {}  # (task key, m or None, device kind) -> its weight sets (_weight_sets), for one task at a time
 
 
-def _weight_sets(params, spec: dict, dev, rng) -> list[dict]:
-    """The weight arguments ({param index: device tensor}): one set, or on the GPU enough copies to
-    exceed 3x the L2, so that each launch of a timed graph reads its weights from HBM as in a model."""
+def _weight_sets(params, rotate, m: int, sizes: dict, spec: dict, dev, rng) -> list[dict]:
+    """The arguments named in `rotate` ({param index: device tensor}): one set, or on the GPU enough copies
+    to exceed 3x the L2, so that each launch of a timed graph reads them from HBM as in a model."""
     import tvm
 
-    idx = [i for i, p in enumerate(params) if p.name in _WEIGHTS]
-    host = {i: _random_arg(params[i], 0, rng) for i in idx}
+    idx = [i for i, p in enumerate(params) if p.name in rotate]
+    host = {i: _random_arg(params[i], m, rng, sizes) for i in idx}
     per_copy = sum(h.nbytes for h in host.values())
     n = max(1, -(-3 * L2_BYTES // per_copy)) if spec["kind"] == "cuda" and per_copy else 1
-    return [{i: tvm.runtime.tensor(h if c == 0 else _random_arg(params[i], 0, rng), dev) for i, h in host.items()}
+    return [{i: tvm.runtime.tensor(h if c == 0 else _random_arg(params[i], m, rng, sizes), dev) for i, h in host.items()}
             for c in range(n)]
 
 
-def _time_at(lib, params, sets: list[dict], m: int, spec: dict, dev, repeat: int, rng) -> float:
+def _time_at(lib, params, sets: list[dict], m: int, sizes: dict, spec: dict, dev, repeat: int, rng) -> float:
     """Median microseconds of one call of lib's "main" at m tokens (weights from `sets`)."""
     import tvm
 
-    args = [None if i in sets[0] else tvm.runtime.tensor(_random_arg(p, m, rng), dev) for i, p in enumerate(params)]
+    args = [None if i in sets[0] else tvm.runtime.tensor(_random_arg(p, m, rng, sizes), dev) for i, p in enumerate(params)]
     copies = [[s.get(i, a) for i, a in enumerate(args)] for s in sets]
     if spec["kind"] != "cuda":
         ev = lib.mod.time_evaluator("main", dev, number=1, repeat=repeat)
@@ -325,8 +386,16 @@ def _winner(measured: dict, default=None):
 
 def _workload(task: Task):
     """The IRModule meta-schedule searches for a task: its int4 PrimFunc with m fixed to the token count it
-    is tuned at (meta-schedule's argument info needs constant shapes)."""
+    is tuned at (meta-schedule's argument info needs constant shapes); an attention kernel at that many
+    keys, its body under a root block (where the search annotates its knobs)."""
     import tvm
+
+    if task.rebuilt:
+        from tvm.s_tir.stmt import SBlock, SBlockRealize
+
+        f = task.template.rebuild(task.func, {}, task.template.sizes(task.m))
+        f = f.with_body(SBlockRealize([], True, SBlock([], [], [], "root", f.body)))
+        return tvm.IRModule({"main": f.with_attr("global_symbol", "main")})
 
     from schedules.template import is_swiglu
 
@@ -364,7 +433,7 @@ def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bo
     for ti, task in enumerate(tasks, 1):
         measured = dict(previous.get(task.key, {}))
         default = task.default(spec)
-        search = Search(_workload(task), task.template.SPACE, task.template.Config, tvm_target(spec), batch, seed)
+        search = Search(_workload(task), task.space, task.template.Config, tvm_target(spec), batch, seed)
         # a resumed log's failed candidates (recorded as >= FAILED_US) go to the search as failures
         search.seed([(json.loads(k), us if us < FAILED_US else float("inf")) for k, us in measured.items()])
         first = [default] if json.dumps(default, sort_keys=True) not in measured else []
@@ -403,4 +472,5 @@ def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bo
         if bk:
             default_us = measured.get(dk)
             best[task.key] = {"config": json.loads(bk), "us": measured[bk], "default_us": default_us}
+    _SETS.clear()
     return best

@@ -29,6 +29,8 @@ at their natural [b, h, T, d] layout, with fp32 math throughout:
 Semantics match the exported graph's, including its NaN guard: a row whose keys are all masked
 (bias -inf) gives 0, as where(isnan(softmax), 0, .) does (a chain without that guard would give NaN
 there; the kernel gives 0 either way). Keys past T and masked keys get weight 0.
+Tuning: `nibble tune` searches warps (and, for the split kernel, blocks per row) per kernel (SPACE,
+SPLIT_SPACE); a record's config rebuilds the kernel from the arguments kept in its ARGS_ATTR (`rebuild`).
 Limits: head dim a multiple of 32 (64, 128, 256); q and K/V heads equal (a GQA export repeats K/V
 before attention, which the pass sees as a plain tensor).
 """
@@ -56,6 +58,54 @@ DEFAULT = Config()
 # kernel from 384 (7.33 vs 9.31); at 256 they tie (7.23 vs 7.07), so up to 256 keys the one-block kernel runs.
 SPLIT = Config(warps=4, splits=8)
 SPLIT_FROM = 256  # keys (T) above which the split variant runs
+
+# -- tuning (compiler/tuning.py): each kernel is rebuilt from its arguments (ARGS_ATTR) with the Config
+VERSION = 1  # bump when the kernel changes meaning: tuning records of other versions are ignored
+ARGS_ATTR = "nibble.attention"  # PrimFunc attr: attention_func's arguments, Config fields included
+SPACE = {"warps": (2, 4, 8, 16), "splits": (1,)}  # the one-block kernel (T <= SPLIT_FROM)
+SPLIT_SPACE = {"warps": (2, 4, 8, 16), "splits": (2, 4, 8, 16)}  # the split kernel (T > SPLIT_FROM)
+# keys a candidate is timed at (its score: the sum): the ends of the one-block kernel's range; for the
+# split kernel its first T and a 2048-token context
+TUNE_KEYS = {False: (64, SPLIT_FROM), True: (SPLIT_FROM + 1, 2048)}
+ROTATE = ("k", "v", "kp", "vp")  # the cache params: timed with copies rotated past the L2, like weights
+
+
+def _args(func) -> dict:
+    """attention_func's keyword arguments that built func (its ARGS_ATTR), as Python values."""
+    py = lambda v: v.value if hasattr(v, "value") else str(v) if isinstance(v, str) else v  # noqa: E731
+    a = func.attrs[ARGS_ATTR]
+    return {"heads": int(a["heads"]), "head_dim": int(a["head_dim"]), "scale": float(a["scale"]),
+            "dtypes": {str(k): str(v) for k, v in a["dtypes"].items()},
+            "bias_dims": tuple(int(d) if not isinstance(d, str) else str(d) for d in map(py, a["bias_dims"])),
+            "two_source": bool(a["two_source"]), "out_layout": str(a["out_layout"]),
+            "early_loads": bool(a["early_loads"]), "cfg": Config(int(a["warps"]), int(a["splits"]))}
+
+
+def is_split(func) -> bool:
+    return _args(func)["cfg"].splits > 1
+
+
+def space_for(func) -> dict:
+    return SPLIT_SPACE if is_split(func) else SPACE
+
+
+def default_config(target, func) -> Config:
+    """The untuned Config of a kernel: the one it was built with by compiler/fuse_attention.py."""
+    return _args(func)["cfg"]
+
+
+def rebuild(func, config: dict, sizes: dict | None = None):
+    """func built again with `config`'s Config fields, its attrs kept (sizes: see attention_func)."""
+    args = _args(func)
+    cfg = dataclasses.replace(args.pop("cfg"), **{k: v for k, v in config.items() if k in SPACE})
+    new = attention_func(**args, cfg=cfg, sizes=sizes)
+    keep = {k: v for k, v in func.attrs.items() if k != ARGS_ATTR}
+    return new.with_attrs(keep) if keep else new
+
+
+def sizes(keys: int) -> dict:
+    """The symbolic dims at one decode step over `keys` keys: one sequence, one query row, one new entry."""
+    return {"b": 1, "s": 1, "nn": 1, "np_": keys - 1, "n": keys}
 
 _KERNEL = Template('''
 @T.prim_func
@@ -242,8 +292,9 @@ _COMBINE = '''
 
 def attention_func(heads: int, head_dim: int, scale: float, dtypes: dict, bias_dims: tuple,
                    cfg: Config = DEFAULT, two_source: bool = False, out_layout: str = "bhsd",
-                   early_loads: bool = False):
-    """The kernel PrimFunc, or None for a head dim it does not take.
+                   early_loads: bool = False, sizes: dict | None = None):
+    """The kernel PrimFunc, or None for a head dim it does not take. Its attr ARGS_ATTR records the
+    arguments (the Config's fields among them), for the tuner to rebuild it with another Config.
 
     dtypes: {"q", "kv", "bias", "out"}; bias_dims: for the bias's first three dims, which broadcast:
     e.g. ("b", 1, "s") for a [b, 1, s, T] mask shared by all heads. cfg.splits > 1: the long-cache
@@ -252,7 +303,8 @@ def attention_func(heads: int, head_dim: int, scale: float, dtypes: dict, bias_d
     model's transpose back to tokens makes of [b, h, s, d]: compiler/fuse_attention.py folds it).
     early_loads: the first walk's first K/V loads go out before the wait for the previous kernel
     (griddepcontrol.wait): only where those tensors (K, or two_source's past K and V) are inputs of the
-    entry that no kernel of the call writes."""
+    entry that no kernel of the call writes. sizes ({"b": 1, ...}): these symbolic dims fixed, for the
+    tuner's static workload (rebuild)."""
     import tvm
     from tvm.script import tirx as T  # noqa: F401  (the template's T)
 
@@ -287,4 +339,9 @@ def attention_func(heads: int, head_dim: int, scale: float, dtypes: dict, bias_d
             _LOADS.substitute(fields, **first, G="T.int64(0)"), 4), 20)
     src = _KERNEL.substitute(fields, **kv, WORKSPACE=fill(_WORKSPACE if split else ""),
                              STORE=fill(_STORE_PART if split else _STORE_ROW), COMBINE=fill(_COMBINE if split else ""))
-    return tvm.script.from_source(src)
+    for name, value in (sizes or {}).items():  # "b = T.int64()" -> "b = T.int64(1)"
+        src = src.replace(f"    {name} = T.int64()\n", f"    {name} = T.meta_var(T.int64({int(value)}))\n")
+    args = {"heads": heads, "head_dim": head_dim, "scale": float(scale), "dtypes": {k: str(v) for k, v in dtypes.items()},
+            "bias_dims": list(bias_dims), "two_source": two_source, "out_layout": out_layout,
+            "early_loads": early_loads, "warps": cfg.warps, "splits": cfg.splits}
+    return tvm.script.from_source(src).with_attr(ARGS_ATTR, args)

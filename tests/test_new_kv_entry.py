@@ -116,7 +116,59 @@ def cuda_artifact(tmp_path_factory):
 def test_two_source_attention_on_cuda(cuda_artifact, p, s):
     """The two-source kernel (and its split variant past 512 keys) against float64 on the joined cache,
     with a sequence whose keys are all masked (output 0)."""
-    m = nibble.load(cuda_artifact)
+    _check_against_float64(nibble.load(cuda_artifact), p, s)
+
+
+# configs a tuning record may give the attention kernels (schedules/attention.py SPACE / SPLIT_SPACE), by task
+TUNED = {"64-256": ({"warps": 2, "splits": 1}, {"warps": 16, "splits": 1}),
+         "257-2048": ({"warps": 16, "splits": 2}, {"warps": 2, "splits": 16})}
+
+
+@pytest.fixture(scope="module")
+def tuned_cuda_artifact(tmp_path_factory):
+    """The model built with every attention kernel rebuilt from a tuning record (TUNED: main's kernels
+    take the first config, main_new_kv's the second)."""
+    from compiler.target import resolve
+    from compiler.tuning import TuningLog, extract_tasks
+
+    tmp = tmp_path_factory.mktemp("kv2tuned")
+    models.onnx_sdpa_cache(tmp / "c.onnx")
+    spec = resolve("cuda", "sm_90")
+    log = TuningLog(tmp / "t.jsonl", spec)
+    for t in extract_tasks(models.prepared_for_sm90(tmp / "c.onnx"), spec):
+        if t.kind == "attention":
+            cfg = TUNED[t.key.rsplit(":", 1)[1]]["_kv2" in t.key]
+            log.append({"key": t.key, "kind": "attention", "version": 1, "arch": "sm_90", "config": cfg, "us": 1.0})
+    lines = []
+    art = nibble.compile_model(tmp / "c.onnx", target="cuda", output=tmp / "c.nibble", tuning=str(log.path),
+                               log=lines.append)
+    assert "4 of 4 kernels tuned" in " ".join(lines)
+    return art
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("p,s", [(37, 1), (255, 1), (600, 1), (5000, 1)])
+def test_tuned_attention_configs_on_cuda(tuned_cuda_artifact, p, s):
+    """The kernels rebuilt with tuned warps and blocks per row: the same answers."""
+    _check_against_float64(nibble.load(tuned_cuda_artifact), p, s)
+
+
+@pytest.mark.gpu
+def test_tune_measures_the_attention_kernels_on_cuda(tmp_path):
+    """`nibble tune` times the attention kernels on the GPU: every candidate builds and runs."""
+    import json
+
+    from nibble.cli import main
+
+    models.onnx_sdpa_cache(tmp_path / "c.onnx")
+    log = tmp_path / "t.jsonl"
+    assert main(["tune", str(tmp_path / "c.onnx"), "--target", "cuda", "--trials", "12", "--log", str(log)]) == 0
+    recs = [json.loads(line) for line in log.read_text().splitlines()]
+    assert {r["kind"] for r in recs} == {"attention"} and len({r["key"] for r in recs}) == 4
+    assert all(r["us"] < 1e29 for r in recs), [r for r in recs if r["us"] >= 1e29]
+
+
+def _check_against_float64(m, p, s):
     feed = _inputs(np.random.default_rng(p * 10 + s), 2, p, s, [max(1, (p + s) * 2 // 3), 0])
     o, k, v = _call_new_kv(m, feed)
     keys = np.concatenate([feed["past_k"], feed["k"]], 2)

@@ -308,3 +308,88 @@ def test_tune_measures_the_default_first_and_every_config_once(monkeypatch, tmp_
     calls.clear()
     tuning.tune([task], SPEC, log, trials=100, batch=4, resume=True, out=lambda s: None)
     assert calls == []
+
+
+CUDA = resolve("cuda", "sm_90")
+
+
+@pytest.fixture(scope="module")
+def sdpa_cache(tmp_path_factory):
+    """A decoder-style attention over a cache, prepared for sm_90: its module and tuning tasks."""
+    d = tmp_path_factory.mktemp("attn")
+    models.onnx_sdpa_cache(d / "a.onnx")
+    mod = models.prepared_for_sm90(d / "a.onnx")
+    return d / "a.onnx", mod, [t for t in extract_tasks(mod, CUDA) if t.kind == "attention"]
+
+
+def test_decode_attention_kernels_are_tasks(sdpa_cache):
+    """main's kernel (K, V whole) and main_new_kv's (past and new read in place, loaded early), each as the
+    one-block and the split kernel: four tasks, keyed by what their speed depends on, timed at the ends of
+    the keys each serves, starting from the config the pass built them with; meta-schedule's workload is
+    the kernel at the bound with every dim fixed."""
+    from compiler.tuning import _shape, _workload
+    from schedules.attention import DEFAULT, SPACE, SPLIT, SPLIT_FROM, SPLIT_SPACE, sizes
+
+    _, _, tasks = sdpa_cache
+    assert {t.key for t in tasks} == {f"attention_h4_d64_float16{v}_bshd{e}:attention:{r}"
+                                      for v, e in (("", ""), ("_kv2", "_early")) for r in ("64-256", "257-2048")}
+    for t in tasks:
+        split = t.key.endswith(":257-2048")
+        assert t.ms == ((SPLIT_FROM + 1, 2048) if split else (64, SPLIT_FROM)) and t.calls == 1
+        assert t.default(CUDA) == vars(SPLIT if split else DEFAULT) and t.space == (SPLIT_SPACE if split else SPACE)
+        params = _workload(t)["main"].params
+        assert all(isinstance(d, int) or d.__class__.__name__ == "IntImm" for p in params for d in p.shape)
+        bias = next(p for p in params if p.name == "bias")
+        assert int(bias.shape[-1]) == t.m  # the keys: past + new for the two-source kernel
+        assert _shape(next(p for p in t.func.params if p.name == "bias"), 0, sizes(300))[-1] == 300
+
+
+def test_attention_records_rebuild_the_kernels(sdpa_cache, tmp_path):
+    """A winning record rebuilds the kernel with its warps and blocks per row (the launch changes), keeps
+    its name and tags, and the module still builds for CUDA with every kernel reported tuned."""
+    import tvm
+
+    import nibble
+    from compiler.dispatch import KERNEL_ATTR
+    from schedules.attention import Config, _args
+
+    path, mod, tasks = sdpa_cache
+    log = TuningLog(tmp_path / "a.jsonl", CUDA)
+    want = {}
+    for i, t in enumerate(tasks):
+        split = t.key.endswith(":257-2048")
+        want[t.key] = {"warps": (2, 16)[i % 2], "splits": (16, 2)[i % 2] if split else 1}
+        for cfg, us in ((t.default(CUDA), 10.0), (want[t.key], 5.0)):
+            log.append({"key": t.key, "kind": "attention", "version": 1, "arch": "sm_90", "m": t.m,
+                        "config": cfg, "us": us, "default": cfg == t.default(CUDA)})
+    gvs = {t.key: next(g for g, f in mod.functions_items() if f.same_as(t.func)) for t in tasks}
+    out, applied = apply_records(tvm.IRModule(dict(mod.functions_items())), CUDA, log, log=lambda s: None)
+    assert set(applied) == set(want)
+    for t in tasks:
+        new = out[gvs[t.key]]
+        assert _args(new)["cfg"] == Config(**want[t.key])
+        assert new.attrs["global_symbol"] == t.func.attrs["global_symbol"] and str(new.attrs[KERNEL_ATTR]) == "attention"
+        text = new.script()
+        assert f'T.thread_binding({want[t.key]["warps"]}, thread="threadIdx.y")' in text
+        assert f'T.thread_binding({want[t.key]["splits"]}, thread="blockIdx.y")' in text
+    lines = []
+    nibble.compile_model(path, target="cuda", arch="sm_90", output=tmp_path / "a.nibble", tuning=str(log.path),
+                         log=lines.append)
+    assert "4 of 4 kernels tuned" in " ".join(lines)
+
+
+def test_tune_searches_an_attention_kernels_space(sdpa_cache, monkeypatch, tmp_path):
+    """tune() over the split kernel's 16 configs with a fake clock: its built config first, then every
+    config of its space once (none with one block per row)."""
+    from compiler import cuda, runtime, tuning
+    from schedules.attention import SPLIT_SPACE
+
+    for mod, name in ((runtime, "_device"), (cuda, "ensure_cuda_runtime"), (cuda, "register_nvcc_callback")):
+        monkeypatch.setattr(mod, name, lambda *a: None)  # no GPU here: the clock is fake
+    calls = []
+    monkeypatch.setattr(tuning, "measure", lambda task, cfg, *a, **k: calls.append(dict(cfg)) or 10.0 * cfg["warps"] / cfg["splits"])
+    task = next(t for t in sdpa_cache[2] if t.key.endswith(":257-2048"))
+    best = tuning.tune([task], CUDA, TuningLog(tmp_path / "t.jsonl", CUDA), trials=100, out=lambda s: None)
+    every = [dict(zip(SPLIT_SPACE, v)) for v in __import__("itertools").product(*SPLIT_SPACE.values())]
+    assert calls[0] == task.default(CUDA) and sorted(map(str, calls)) == sorted(map(str, every))
+    assert best[task.key]["config"] == {"warps": 2, "splits": 16}
