@@ -408,6 +408,17 @@ def _workload(task: Task):
     return tvm.IRModule({"main": f.with_attr("global_symbol", "main")})
 
 
+def _budgets(tasks: list[Task], trials: int) -> dict[str, int]:
+    """Trials per task: `trials` split by call weight (largest remainders rounded up, so they add up to
+    `trials`), at least one each."""
+    total_w = sum(t.calls for t in tasks) or 1
+    share = {t.key: trials * t.calls / total_w for t in tasks}
+    out = {k: max(1, int(v)) for k, v in share.items()}
+    for k in sorted(share, key=lambda k: share[k] - int(share[k]), reverse=True)[: max(0, trials - sum(out.values()))]:
+        out[k] += 1
+    return out
+
+
 def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bool = False,
          batch: int = 4, out=print, seed: int = 0) -> dict[str, dict]:
     """Tune every task with up to `trials` candidates in total (split by call weight); returns the best
@@ -426,10 +437,9 @@ def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bo
     previous: dict[str, dict[str, float]] = {}
     for r in log_.records(versions, out) if resume else []:
         previous.setdefault(r["key"], {})[json.dumps(r["config"], sort_keys=True)] = r["us"]
-    total_w = sum(t.calls for t in tasks) or 1
     best: dict[str, dict] = {}
     t_start, done_trials = time.perf_counter(), 0
-    budget = {t.key: max(1, round(trials * t.calls / total_w)) for t in tasks}
+    budget = _budgets(tasks, trials)
     for ti, task in enumerate(tasks, 1):
         measured = dict(previous.get(task.key, {}))
         default = task.default(spec)
@@ -462,7 +472,10 @@ def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bo
                 left = sum(budget.values()) - done_trials
                 eta = (time.perf_counter() - t_start) / done_trials * max(left, 0)
                 status = f"best {measured[bk]:.2f} us {bk}  ETA {eta:.0f} s" if bk else "no valid config yet"
-                out(f"[{ti}/{len(tasks)}] {task.key}  trial {n_new}/{budget[task.key]}  {status}")
+                total = sum(budget.values())
+                filled = 20 * min(done_trials, total) // total
+                bar = "#" * filled + "-" * (20 - filled)
+                out(f"|{bar}| {done_trials}/{total}  [{ti}/{len(tasks)}] {task.key}  trial {n_new}/{budget[task.key]}  {status}")
             if proposed:
                 search.tell(times)
             else:  # the template default, measured first: the search starts from it

@@ -393,3 +393,13 @@ def test_tune_searches_an_attention_kernels_space(sdpa_cache, monkeypatch, tmp_p
     every = [dict(zip(SPLIT_SPACE, v)) for v in __import__("itertools").product(*SPLIT_SPACE.values())]
     assert calls[0] == task.default(CUDA) and sorted(map(str, calls)) == sorted(map(str, every))
     assert best[task.key]["config"] == {"warps": 2, "splits": 16}
+
+
+@pytest.mark.parametrize("trials", [3, 5, 7, 100])
+def test_trial_budgets_add_up_to_the_trials_asked(trials):
+    """Trials split by how often each kernel runs, adding up to what the user asked (at least one each)."""
+    from compiler.tuning import Task, _budgets
+
+    tasks = [Task("a", None, "cpu", 1, 1), Task("b", None, "cpu", 1, 1), Task("c", None, "cpu", 1, 3)]
+    b = _budgets(tasks, trials)
+    assert sum(b.values()) == trials and min(b.values()) >= 1 and b["c"] >= b["a"]
