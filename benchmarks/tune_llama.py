@@ -87,6 +87,7 @@ def compare_attention(tasks, best, spec, rounds: int = 2) -> list[dict]:
     rotated past the L2, summed over the task's two key counts), in alternating order."""
     import tvm
 
+    from compiler import tuning
     from compiler.tuning import measure
 
     rows = []
@@ -101,6 +102,7 @@ def compare_attention(tasks, best, spec, rounds: int = 2) -> list[dict]:
                **{f"us_{k}": sum(v) / len(v) for k, v in times.items() if v}}
         rows.append(row)
         print(json.dumps(row), flush=True)
+    tuning._SETS.clear()  # measure()'s cache copies of the last task: free them before the int4 comparison
     return rows
 
 

@@ -1,4 +1,4 @@
-"""Tuning: search each int4 kernel's schedule knobs on the real device; keep the best in tuning_logs/.
+"""Tuning: search each int4 and decode attention kernel's knobs on the real device; keep the best in tuning_logs/.
 
 What is searched. Every schedule template in schedules/ names its knobs in a frozen `Config` dataclass
 and their candidate values in `SPACE` ({field: (values...)}); a rule reads a per-function override from
@@ -56,11 +56,13 @@ FAILED_US = 1e29  # records at or above this time mark candidates that failed or
 # read slower than the default (runs 5-6).
 MARGIN = 0.05
 L2_BYTES = 60 << 20  # H200/H100 L2; tuning measurements rotate more weight bytes than 3x this
+MAX_COPIES = 1024  # ... in at most this many copies (one launch each in the timed graph)
 
 
 @dataclasses.dataclass
 class Task:
-    key: str  # stable name: "<kernel>:<kind>[:[<low>-]<rows>]" (a bounded copy's token range)
+    key: str  # stable name: "<kernel>:<kind>[:[<low>-]<rows>]" (a bounded copy's token range; attention:
+    # the key counts timed, attention_task)
     func: object  # tirx.PrimFunc (symbolic m)
     kind: str  # "gemv" | "mma" | "gemm" | "wgmma" | "cpu" | "attention"
     m: int  # token count measured at (a bounded copy: its bound R; attention: keys in the cache)
@@ -116,17 +118,21 @@ def extract_tasks(mod, spec: dict) -> list[Task]:
 
     from schedules.attention import ARGS_ATTR
 
-    calls: dict[str, int] = {}
+    calls: dict[str, int] = {}  # callee -> calls in one run of the entry that calls it most
+    for _, f in mod.functions_items():  # the entries (main, main_new_kv): a model run calls one of them
+        if not (isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs):
+            continue
+        here: dict[str, int] = {}
 
-    def count(e):
-        if isinstance(e, relax.Call) and hasattr(e.op, "name_hint"):
-            calls[e.op.name_hint] = calls.get(e.op.name_hint, 0) + 1
-        if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir":
-            calls[e.args[0].name_hint] = calls.get(e.args[0].name_hint, 0) + 1
+        def count(e, here=here):
+            if isinstance(e, relax.Call) and hasattr(e.op, "name_hint"):
+                here[e.op.name_hint] = here.get(e.op.name_hint, 0) + 1
+            if isinstance(e, relax.Call) and getattr(e.op, "name", "") == "relax.call_tir":
+                here[e.args[0].name_hint] = here.get(e.args[0].name_hint, 0) + 1
 
-    for _, f in mod.functions_items():  # the entries (main, main_new_kv): what a model run calls
-        if isinstance(f, relax.Function) and f.attrs is not None and "global_symbol" in f.attrs:
-            relax.analysis.post_order_visit(f.body, count)
+        relax.analysis.post_order_visit(f.body, count)
+        for name, n in here.items():
+            calls[name] = max(calls.get(name, 0), n)
     funcs = [(gv, f) for gv, f in mod.functions_items()
              if isinstance(f, tirx.PrimFunc) and f.attrs is not None and (ATTR in f.attrs or ARGS_ATTR in f.attrs)]
     bounds: dict[str, list[int]] = {}  # base kernel -> the bounds of its bucket copies
@@ -156,14 +162,17 @@ def extract_tasks(mod, spec: dict) -> list[Task]:
 
 
 def attention_task(func, calls: int = 1) -> Task:
-    """The task of a decode attention kernel (schedules/attention.py), keyed by what its speed depends on
-    (the pass's function names carry a counter), timed at the ends of the key counts it serves:
-    "attention_h32_d128_float16_kv2_bshd_early:attention:257-2048" (the split kernel)."""
+    """The task of a decode attention kernel (schedules/attention.py), keyed by every argument that builds a
+    different kernel but the scale (the pass's function names carry a counter), and the key counts it is
+    timed at: "attention_h32_d128_f16f16f32f16_maskb1s_kv2_bshd_early:attention:257-2048" is main_new_kv's
+    split kernel for fp16 q / cache / output and an fp32 [b, 1, s, T] mask."""
     from schedules.attention import TUNE_KEYS, _args, is_split
 
     a = _args(func)
-    name = (f"attention_h{a['heads']}_d{a['head_dim']}_{a['dtypes']['kv']}" + ("_kv2" if a["two_source"] else "")
-            + f"_{a['out_layout']}" + ("_early" if a["early_loads"] else ""))
+    short = {"float16": "f16", "float32": "f32", "bfloat16": "bf16"}
+    dt = "".join(short.get(a["dtypes"][x], a["dtypes"][x]) for x in ("q", "kv", "bias", "out"))
+    name = (f"attention_h{a['heads']}_d{a['head_dim']}_{dt}_mask{''.join(map(str, a['bias_dims']))}"
+            + ("_kv2" if a["two_source"] else "") + f"_{a['out_layout']}" + ("_early" if a["early_loads"] else ""))
     low, keys = TUNE_KEYS[is_split(func)]
     return Task(f"{name}:attention:{low}-{keys}", func, "attention", keys, calls, low)
 
@@ -325,7 +334,7 @@ def measure(task: Task, config: dict, spec: dict, dev, repeat: int = 7) -> float
         _SETS.clear()  # another task: free the last one's device memory
     total = 0.0
     for m in task.ms:
-        key = (task.key, None if fixed else m, spec["kind"])
+        key = (task.key, None if fixed else m, str(dev))
         if key not in _SETS:
             _SETS[key] = _weight_sets(params, rotate, m, sizes(m), spec, dev, rng)
         total += _time_at(lib, params, _SETS[key], m, sizes(m), spec, dev, repeat, rng)
@@ -333,7 +342,7 @@ def measure(task: Task, config: dict, spec: dict, dev, repeat: int = 7) -> float
 
 
 _WEIGHTS = ("qweight", "scales", "zeros")  # the int4 kernels' params timed with copies rotated past the L2
-_SETS: dict = {}  # (task key, m or None, device kind) -> its weight sets (_weight_sets), for one task at a time
+_SETS: dict = {}  # (task key, m or None, device) -> its weight sets (_weight_sets), for one task at a time
 
 
 def _weight_sets(params, rotate, m: int, sizes: dict, spec: dict, dev, rng) -> list[dict]:
@@ -344,8 +353,10 @@ def _weight_sets(params, rotate, m: int, sizes: dict, spec: dict, dev, rng) -> l
     idx = [i for i, p in enumerate(params) if p.name in rotate]
     host = {i: _random_arg(params[i], m, rng, sizes) for i in idx}
     per_copy = sum(h.nbytes for h in host.values())
-    n = max(1, -(-3 * L2_BYTES // per_copy)) if spec["kind"] == "cuda" and per_copy else 1
-    return [{i: tvm.runtime.tensor(h if c == 0 else _random_arg(params[i], m, rng, sizes), dev) for i, h in host.items()}
+    # (capped: a 64-key cache of a small model would take thousands of copies; 1024 still exceed the L2)
+    n = min(MAX_COPIES, max(1, -(-3 * L2_BYTES // per_copy))) if spec["kind"] == "cuda" and per_copy else 1
+    return [{i: tvm.runtime.tensor(h if c == 0 else _random_arg(params[i], m, rng, sizes), dev)
+             for i, h in host.items()}
             for c in range(n)]
 
 
@@ -353,17 +364,19 @@ def _time_at(lib, params, sets: list[dict], m: int, sizes: dict, spec: dict, dev
     """Median microseconds of one call of lib's "main" at m tokens (weights from `sets`)."""
     import tvm
 
-    args = [None if i in sets[0] else tvm.runtime.tensor(_random_arg(p, m, rng, sizes), dev) for i, p in enumerate(params)]
+    args = [None if i in sets[0] else tvm.runtime.tensor(_random_arg(p, m, rng, sizes), dev)
+            for i, p in enumerate(params)]
     copies = [[s.get(i, a) for i, a in enumerate(args)] for s in sets]
     if spec["kind"] != "cuda":
         ev = lib.mod.time_evaluator("main", dev, number=1, repeat=repeat)
         return float(np.median(ev(*copies[0]).results)) * 1e6
-    # GPU: 24 launches captured in a CUDA graph, each on its own copy of the weights (more than 3x the
-    # L2 in all) so the kernel reads HBM as in a model; see compiler/timing.py for why not a host loop
+    # GPU: launches captured in a CUDA graph, each on its own copy of the weights (more than 3x the L2
+    # in all) so the kernel reads HBM as in a model; see compiler/timing.py for why not a host loop. At
+    # least 24, and one per copy: 24 copies of a small KV cache would fit in the L2 together
     from .timing import graph_time
 
     f = lib["main"]
-    return graph_time([lambda c=copies[i % len(copies)]: f(*c) for i in range(24)], reps=repeat) * 1e6
+    return graph_time([lambda c=copies[i % len(copies)]: f(*c) for i in range(max(24, len(copies)))], reps=repeat) * 1e6
 
 
 # -- search ------------------------------------------------------------------------------------------
@@ -409,13 +422,30 @@ def _workload(task: Task):
 
 
 def _budgets(tasks: list[Task], trials: int) -> dict[str, int]:
-    """Trials per task: `trials` split by call weight (largest remainders rounded up, so they add up to
-    `trials`), at least one each."""
-    total_w = sum(t.calls for t in tasks) or 1
-    share = {t.key: trials * t.calls / total_w for t in tasks}
-    out = {k: max(1, int(v)) for k, v in share.items()}
-    for k in sorted(share, key=lambda k: share[k] - int(share[k]), reverse=True)[: max(0, trials - sum(out.values()))]:
-        out[k] += 1
+    """Trials per task: one each (the template default), then the rest of `trials` split by call weight
+    (largest remainders rounded up), at most a task's space size (what a task cannot use goes to the
+    others). They add up to `trials` unless there are more tasks than trials or too few configs."""
+    size = {t.key: math.prod(len(v) for v in t.space.values()) for t in tasks}
+    out = {t.key: 1 for t in tasks}
+    left, pending = trials - len(tasks), [t for t in tasks if size[t.key] > 1]
+    while left > 0 and pending:
+        w = sum(t.calls for t in pending) or 1
+        share = {t.key: left * t.calls / w for t in pending}
+        full = [t for t in pending if out[t.key] + share[t.key] >= size[t.key]]
+        for t in full:  # a space within its share: measured whole, the rest shared again
+            left -= size[t.key] - out[t.key]
+            out[t.key] = size[t.key]
+            pending.remove(t)
+        if full:
+            continue
+        add = {k: int(v) for k, v in share.items()}
+        calls = {t.key: t.calls for t in pending}  # ties in the remainders: the more-called first
+        ranked = sorted(share, key=lambda k: (round(share[k] - add[k], 9), calls[k]), reverse=True)
+        for k in ranked[: left - sum(add.values())]:
+            add[k] += 1
+        for k, v in add.items():
+            out[k] += v
+        break
     return out
 
 
@@ -424,8 +454,6 @@ def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bo
     """Tune every task with up to `trials` candidates in total (split by call weight); returns the best
     record per task. With resume, measured candidates already in the log count and are not re-run."""
     from .runtime import _device
-    from .search import Search
-    from .target import tvm_target
 
     dev = _device("cuda" if spec["kind"] == "cuda" else "cpu")
     if spec["kind"] == "cuda":
@@ -437,9 +465,19 @@ def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bo
     previous: dict[str, dict[str, float]] = {}
     for r in log_.records(versions, out) if resume else []:
         previous.setdefault(r["key"], {})[json.dumps(r["config"], sort_keys=True)] = r["us"]
+    try:
+        return _tune(tasks, spec, log_, _budgets(tasks, trials), previous, versions, dev, batch, out, seed)
+    finally:
+        _SETS.clear()  # the last task's weight copies: free the device memory
+
+
+def _tune(tasks, spec, log_, budget, previous, versions, dev, batch, out, seed) -> dict[str, dict]:
+    """tune()'s loop over the tasks, each with its `budget` of new candidates."""
+    from .search import Search
+    from .target import tvm_target
+
     best: dict[str, dict] = {}
     t_start, done_trials = time.perf_counter(), 0
-    budget = _budgets(tasks, trials)
     for ti, task in enumerate(tasks, 1):
         measured = dict(previous.get(task.key, {}))
         default = task.default(spec)
@@ -475,7 +513,8 @@ def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bo
                 total = sum(budget.values())
                 filled = 20 * min(done_trials, total) // total
                 bar = "#" * filled + "-" * (20 - filled)
-                out(f"|{bar}| {done_trials}/{total}  [{ti}/{len(tasks)}] {task.key}  trial {n_new}/{budget[task.key]}  {status}")
+                out(f"|{bar}| {done_trials}/{total}  [{ti}/{len(tasks)}] {task.key}  "
+                    f"trial {n_new}/{budget[task.key]}  {status}")
             if proposed:
                 search.tell(times)
             else:  # the template default, measured first: the search starts from it
@@ -485,5 +524,4 @@ def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bo
         if bk:
             default_us = measured.get(dk)
             best[task.key] = {"config": json.loads(bk), "us": measured[bk], "default_us": default_us}
-    _SETS.clear()
     return best

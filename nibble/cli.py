@@ -63,7 +63,8 @@ def _options(a):
 
 
 def cmd_tune(a) -> int:
-    """Import + quantize as compile does, then search every int4 kernel's schedule knobs on this machine."""
+    """Import + quantize as compile does, then search every int4 and decode attention kernel's knobs on
+    this machine."""
     from compiler.build import prepare, quantize
     from compiler.new_kv_entry import add_new_kv_entry
     from compiler.target import resolve

@@ -64,8 +64,8 @@ VERSION = 1  # bump when the kernel changes meaning: tuning records of other ver
 ARGS_ATTR = "nibble.attention"  # PrimFunc attr: attention_func's arguments, Config fields included
 SPACE = {"warps": (2, 4, 8, 16), "splits": (1,)}  # the one-block kernel (T <= SPLIT_FROM)
 SPLIT_SPACE = {"warps": (2, 4, 8, 16), "splits": (2, 4, 8, 16)}  # the split kernel (T > SPLIT_FROM)
-# keys a candidate is timed at (its score: the sum): the ends of the one-block kernel's range; for the
-# split kernel its first T and a 2048-token context
+# keys a candidate is timed at (its score: the sum): for the one-block kernel (1..256 keys) 64 and its
+# bound; for the split kernel its first T and a 2048-token context
 TUNE_KEYS = {False: (64, SPLIT_FROM), True: (SPLIT_FROM + 1, 2048)}
 ROTATE = ("k", "v", "kp", "vp")  # the cache params: timed with copies rotated past the L2, like weights
 
@@ -339,9 +339,10 @@ def attention_func(heads: int, head_dim: int, scale: float, dtypes: dict, bias_d
             _LOADS.substitute(fields, **first, G="T.int64(0)"), 4), 20)
     src = _KERNEL.substitute(fields, **kv, WORKSPACE=fill(_WORKSPACE if split else ""),
                              STORE=fill(_STORE_PART if split else _STORE_ROW), COMBINE=fill(_COMBINE if split else ""))
-    for name, value in (sizes or {}).items():  # "b = T.int64()" -> "b = T.int64(1)"
+    for name, value in (sizes or {}).items():  # "b = T.int64()" -> a constant (meta_var: no let binding)
         src = src.replace(f"    {name} = T.int64()\n", f"    {name} = T.meta_var(T.int64({int(value)}))\n")
-    args = {"heads": heads, "head_dim": head_dim, "scale": float(scale), "dtypes": {k: str(v) for k, v in dtypes.items()},
+    args = {"heads": heads, "head_dim": head_dim, "scale": float(scale),
+            "dtypes": {k: str(v) for k, v in dtypes.items()},
             "bias_dims": list(bias_dims), "two_source": two_source, "out_layout": out_layout,
             "early_loads": early_loads, "warps": cfg.warps, "splits": cfg.splits}
     return tvm.script.from_source(src).with_attr(ARGS_ATTR, args)

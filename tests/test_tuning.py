@@ -331,7 +331,7 @@ def test_decode_attention_kernels_are_tasks(sdpa_cache):
     from schedules.attention import DEFAULT, SPACE, SPLIT, SPLIT_FROM, SPLIT_SPACE, sizes
 
     _, _, tasks = sdpa_cache
-    assert {t.key for t in tasks} == {f"attention_h4_d64_float16{v}_bshd{e}:attention:{r}"
+    assert {t.key for t in tasks} == {f"attention_h4_d64_f16f16f32f32_maskb11{v}_bshd{e}:attention:{r}"
                                       for v, e in (("", ""), ("_kv2", "_early")) for r in ("64-256", "257-2048")}
     for t in tasks:
         split = t.key.endswith(":257-2048")
@@ -368,7 +368,8 @@ def test_attention_records_rebuild_the_kernels(sdpa_cache, tmp_path):
     for t in tasks:
         new = out[gvs[t.key]]
         assert _args(new)["cfg"] == Config(**want[t.key])
-        assert new.attrs["global_symbol"] == t.func.attrs["global_symbol"] and str(new.attrs[KERNEL_ATTR]) == "attention"
+        assert new.attrs["global_symbol"] == t.func.attrs["global_symbol"]
+        assert str(new.attrs[KERNEL_ATTR]) == "attention"
         text = new.script()
         assert f'T.thread_binding({want[t.key]["warps"]}, thread="threadIdx.y")' in text
         assert f'T.thread_binding({want[t.key]["splits"]}, thread="blockIdx.y")' in text
@@ -387,7 +388,8 @@ def test_tune_searches_an_attention_kernels_space(sdpa_cache, monkeypatch, tmp_p
     for mod, name in ((runtime, "_device"), (cuda, "ensure_cuda_runtime"), (cuda, "register_nvcc_callback")):
         monkeypatch.setattr(mod, name, lambda *a: None)  # no GPU here: the clock is fake
     calls = []
-    monkeypatch.setattr(tuning, "measure", lambda task, cfg, *a, **k: calls.append(dict(cfg)) or 10.0 * cfg["warps"] / cfg["splits"])
+    monkeypatch.setattr(tuning, "measure",
+                        lambda task, cfg, *a, **k: calls.append(dict(cfg)) or 10.0 * cfg["warps"] / cfg["splits"])
     task = next(t for t in sdpa_cache[2] if t.key.endswith(":257-2048"))
     best = tuning.tune([task], CUDA, TuningLog(tmp_path / "t.jsonl", CUDA), trials=100, out=lambda s: None)
     every = [dict(zip(SPLIT_SPACE, v)) for v in __import__("itertools").product(*SPLIT_SPACE.values())]
@@ -395,11 +397,23 @@ def test_tune_searches_an_attention_kernels_space(sdpa_cache, monkeypatch, tmp_p
     assert best[task.key]["config"] == {"warps": 2, "splits": 16}
 
 
-@pytest.mark.parametrize("trials", [3, 5, 7, 100])
-def test_trial_budgets_add_up_to_the_trials_asked(trials):
-    """Trials split by how often each kernel runs, adding up to what the user asked (at least one each)."""
+@pytest.mark.parametrize("weights,trials,want", [
+    ((1, 1, 3), 5, None),  # 1 each, then 2 by weight (0.4, 0.4, 1.2): t2 and one of t0, t1 get one more
+    ((1, 4, 4), 6, {"t0": 1, "t1": 3, "t2": 2}),  # 1 each, then 3: (0.33, 1.33, 1.33), the tie to the more-called
+    ((1,) * 9 + (100,), 10, {**{f"t{i}": 1 for i in range(9)}, "t9": 1}),
+    ((1, 1, 3), 2, {"t0": 1, "t1": 1, "t2": 1}),  # more tasks than trials: the defaults still measured
+    ((1, 1, 3), 100, {"t0": 15, "t1": 15, "t2": 15}),  # the CPU template's 15 configs: spaces measured whole
+    ((1, 1, 3), 40, {"t0": 13, "t1": 12, "t2": 15}),  # t2's space is within its share: the rest to t0, t1
+])
+def test_trial_budgets_split_the_trials_by_call_weight(weights, trials, want):
+    """Trials split by how often each kernel runs, adding up to what the user asked: at least one each
+    (its default), at most its space, what a full space cannot use given to the others."""
     from compiler.tuning import Task, _budgets
 
-    tasks = [Task("a", None, "cpu", 1, 1), Task("b", None, "cpu", 1, 1), Task("c", None, "cpu", 1, 3)]
+    tasks = [Task(f"t{i}", None, "cpu", 1, w) for i, w in enumerate(weights)]
     b = _budgets(tasks, trials)
-    assert sum(b.values()) == trials and min(b.values()) >= 1 and b["c"] >= b["a"]
+    if want is None:
+        assert b["t2"] == 2 and sorted((b["t0"], b["t1"])) == [1, 2]
+    else:
+        assert b == want
+    assert sum(b.values()) == max(len(tasks), min(trials, 15 * len(tasks)))
