@@ -11,7 +11,7 @@ their pass from TVMScript rather than scheduled by a rule, they are rebuilt with
 
 How it is searched (compiler/search.py): with meta-schedule's pieces. The knobs are sampled decisions
 (`sample_categorical` in a `ScheduleFn`, annotated on the PrimFunc's root block), `EvolutionarySearch`
-proposes candidates ranked by its `XGBModel` cost model (features: the knob values), and every candidate
+proposes candidates ranked by its `XGBModel` cost model (features: each knob's value index), and every candidate
 is a real build of our template timed on the device by `measure` (weights rotated past the L2, which
 meta-schedule's runner does not do). Not meta-schedule's generic schedule rules: their space for a
 1x4096x4096 int4 GEMV measured 2636 us on the H200 (hundreds of times dlight), and our decode GEMV's
@@ -20,7 +20,10 @@ dequantize trick cannot be reached with schedule primitives; the templates emit 
 Records: one JSON object per line in tuning_logs/<arch>.jsonl, appended under an exclusive file lock
 with a single write, so an interrupted tune loses at most the candidate in flight and two tunes on one
 log never interleave partial lines. Loading skips corrupt lines (with a warning) and records for another
-arch or an older template version (with a note).
+arch or an older template version (with a note). Not meta-schedule's JSONDatabase: its workload lines
+are ~50 KB each (a base64 PrimFunc; ~5 MB for the Llama set), its records point at workload line numbers
+in a second file and are appended without a lock, and it keeps no template version or default mark,
+which MARGIN needs.
 """
 from __future__ import annotations
 
