@@ -87,35 +87,32 @@ def compare_attention(tasks, best, spec, rounds: int = 2) -> list[dict]:
     rotated past the L2, summed over the task's two key counts), in alternating order."""
     import tvm
 
-    from compiler import tuning
     from compiler.tuning import measure
 
     rows = []
     for t in tasks:
         d, b = t.default(spec), best.get(t.key, {}).get("config")
-        times = {"default": [], "tuned": []}
+        times, sets = {"default": [], "tuned": []}, {}  # sets: the task's cache copies, shared by all timings
         for _ in range(rounds):
             for label, cfg in (("default", d), ("tuned", b), ("tuned", b), ("default", d)):
                 if cfg is not None:
-                    times[label].append(measure(t, cfg, spec, tvm.cuda(0)))
+                    times[label].append(measure(t, cfg, spec, tvm.cuda(0), sets=sets))
         row = {"key": t.key, "ms": list(t.ms), "default": d, "config": b,
                **{f"us_{k}": sum(v) / len(v) for k, v in times.items() if v}}
         rows.append(row)
         print(json.dumps(row), flush=True)
-    tuning._SETS.clear()  # measure()'s cache copies of the last task: free them before the int4 comparison
     return rows
 
 
 def example_tasks(spec, tmp: Path):
     """The tasks of the README's `nibble demo` model (TinyGPT exported to ONNX, fp32, with biases)."""
-    from compiler.build import BuildOptions, prepare, quantize
+    from compiler.build import BuildOptions, lower, prepare
     from compiler.tuning import extract_tasks
     from frontends import import_model
     from nibble.example import export_onnx, tiny_gpt
 
     export_onnx(tiny_gpt(), tmp / "tiny_gpt.onnx")
-    imp = import_model(tmp / "tiny_gpt.onnx")
-    mod, _, _ = quantize(imp.mod, imp.params, BuildOptions(), log=lambda *_: None)  # as compile does
+    mod, _, _, _ = lower(import_model(tmp / "tiny_gpt.onnx"), BuildOptions(), log=lambda *_: None)  # as compile does
     mod, _ = prepare(mod, spec)
     return extract_tasks(mod, spec)
 

@@ -149,6 +149,26 @@ def quantize(mod, params: dict, opts: BuildOptions, log=print):
     return mod, params, report
 
 
+def lower(imp, opts: BuildOptions, log=print):
+    """An imported model as compile hands it to build_module (which adds prepare()'s target rewrites):
+    the int4 pass unless opts.quantize is off, then, for a decoder with past, the main_new_kv entry.
+    `nibble tune` starts from the same module, so it tunes the kernels compile builds. Returns (mod,
+    params, PassReport, the present outputs main_new_kv cuts: 0 without that entry)."""
+    from .int4_pass import PassReport
+    from .new_kv_entry import ENTRY as NEW_KV, add_new_kv_entry
+
+    mod, params = imp.mod, imp.params
+    if opts.quantize:
+        mod, params, report = quantize(mod, params, opts, log)
+    else:
+        report = PassReport()
+        log("--no-quantize: linear layers kept as imported")
+    mod, cut = add_new_kv_entry(mod)  # decoders with past: an entry returning only the new cache slots
+    if cut:
+        log(f"entry {NEW_KV}: main with its {cut} present outputs cut to the new tokens' slots")
+    return mod, params, report, cut
+
+
 def compile_model(source, example_inputs=None, output: str | os.PathLike | None = None,
                   options: BuildOptions | None = None, log=print, **kw) -> Path:
     """Compile an .onnx/.pt2 path, nn.Module or ExportedProgram into an artifact folder; returns its path.
@@ -161,24 +181,14 @@ def compile_model(source, example_inputs=None, output: str | os.PathLike | None 
     spec = resolve(opts.target, opts.arch)  # before the slow import, so a bad target fails at once
     from frontends import import_model
 
-    from .int4_pass import PassReport
-    from .new_kv_entry import ENTRY as NEW_KV, add_new_kv_entry
+    from .new_kv_entry import ENTRY as NEW_KV
 
     t0 = time.perf_counter()
     imp = import_model(source, example_inputs, opts.shapes)
     log(f"imported {imp.source} in {time.perf_counter() - t0:.1f} s")
-    mod, params = imp.mod, imp.params
-    inputs = artifact.describe_inputs(mod, imp.input_names)
-    if opts.quantize:
-        mod, params, report = quantize(mod, params, opts, log)
-    else:
-        report = PassReport()
-        log("--no-quantize: linear layers kept as imported")
-    entries = {"main": "main"}
-    mod, cut = add_new_kv_entry(mod)  # decoders with past: an entry returning only the new cache slots
-    if cut:
-        entries["new_kv"] = NEW_KV
-        log(f"entry {NEW_KV}: main with its {cut} present outputs cut to the new tokens' slots")
+    inputs = artifact.describe_inputs(imp.mod, imp.input_names)
+    mod, params, report, cut = lower(imp, opts, log)
+    entries = {"main": "main", **({"new_kv": NEW_KV} if cut else {})}
     t0 = time.perf_counter()
     tuning, kernels = tuning_log_for(opts, spec, log), {}
     ex = build_module(mod, spec, tuning, log, kernels)

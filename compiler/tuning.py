@@ -307,9 +307,10 @@ def _random_arg(buf, m: int, rng, sizes: dict | None = None) -> np.ndarray:
     return (rng.standard_normal(shape) * (0.02 if buf.name == "scales" else 1.0)).astype(dt)
 
 
-def measure(task: Task, config: dict, spec: dict, dev, repeat: int = 7) -> float:
+def measure(task: Task, config: dict, spec: dict, dev, repeat: int = 7, sets: dict | None = None) -> float:
     """The task's score for `config`: median microseconds of one call of its kernel, summed over the
-    token counts task.ms (built once)."""
+    token counts task.ms (built once). `sets`: the caller's cache of this task's weight copies, kept
+    across its candidates (random data: making 3x the L2 of it took longer than timing a candidate)."""
     import tvm
     from tvm.s_tir import dlight as dl
 
@@ -330,22 +331,19 @@ def measure(task: Task, config: dict, spec: dict, dev, repeat: int = 7) -> float
     rng = np.random.default_rng(0)
     rotate = getattr(task.template, "ROTATE", _WEIGHTS)
     sizes = task.template.sizes if hasattr(task.template, "sizes") else (lambda m: {})
-    # weights: independent of m, made once per task for every m of task.ms and every candidate (random
-    # data: making 3x the L2 of it took longer than timing a candidate); a KV cache grows with m (its keys)
+    # weights: independent of m, made once for every m of task.ms; a KV cache grows with m (its keys)
     fixed = all(not tvm.tirx.analysis.undefined_vars(d) for p in params if p.name in rotate for d in p.shape)
-    if any(k[0] != task.key for k in _SETS):
-        _SETS.clear()  # another task: free the last one's device memory
+    sets = {} if sets is None else sets
     total = 0.0
     for m in task.ms:
-        key = (task.key, None if fixed else m, str(dev))
-        if key not in _SETS:
-            _SETS[key] = _weight_sets(params, rotate, m, sizes(m), spec, dev, rng)
-        total += _time_at(lib, params, _SETS[key], m, sizes(m), spec, dev, repeat, rng)
+        key = None if fixed else m
+        if key not in sets:
+            sets[key] = _weight_sets(params, rotate, m, sizes(m), spec, dev, rng)
+        total += _time_at(lib, params, sets[key], m, sizes(m), spec, dev, repeat, rng)
     return total
 
 
 _WEIGHTS = ("qweight", "scales", "zeros")  # the int4 kernels' params timed with copies rotated past the L2
-_SETS: dict = {}  # (task key, m or None, device) -> its weight sets (_weight_sets), for one task at a time
 
 
 def _weight_sets(params, rotate, m: int, sizes: dict, spec: dict, dev, rng) -> list[dict]:
@@ -457,6 +455,8 @@ def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bo
     """Tune every task with up to `trials` candidates in total (split by call weight); returns the best
     record per task. With resume, measured candidates already in the log count and are not re-run."""
     from .runtime import _device
+    from .search import Search
+    from .target import tvm_target
 
     dev = _device("cuda" if spec["kind"] == "cuda" else "cpu")
     if spec["kind"] == "cuda":
@@ -468,20 +468,12 @@ def tune(tasks: list[Task], spec: dict, log_: TuningLog, trials: int, resume: bo
     previous: dict[str, dict[str, float]] = {}
     for r in log_.records(versions, out) if resume else []:
         previous.setdefault(r["key"], {})[json.dumps(r["config"], sort_keys=True)] = r["us"]
-    try:
-        return _tune(tasks, spec, log_, _budgets(tasks, trials), previous, versions, dev, batch, out, seed)
-    finally:
-        _SETS.clear()  # the last task's weight copies: free the device memory
-
-
-def _tune(tasks, spec, log_, budget, previous, versions, dev, batch, out, seed) -> dict[str, dict]:
-    """tune()'s loop over the tasks, each with its `budget` of new candidates."""
-    from .search import Search
-    from .target import tvm_target
-
+    budget = _budgets(tasks, trials)
+    total = sum(budget.values())
     best: dict[str, dict] = {}
     t_start, done_trials = time.perf_counter(), 0
     for ti, task in enumerate(tasks, 1):
+        sets: dict = {}  # this task's weight copies, for all its candidates (freed with the next task)
         measured = dict(previous.get(task.key, {}))
         default = task.default(spec)
         search = Search(_workload(task), task.space, task.template.Config, tvm_target(spec), batch, seed)
@@ -497,7 +489,7 @@ def _tune(tasks, spec, log_, budget, previous, versions, dev, batch, out, seed) 
             times = []
             for cfg in cands[: budget[task.key] - n_new]:
                 try:
-                    us = measure(task, cfg, spec, dev)
+                    us = measure(task, cfg, spec, dev, sets=sets)
                 except Exception as e:  # a candidate that fails to build or run is a dead end, not fatal
                     out(f"  {task.key} {cfg}: failed ({type(e).__name__}: {str(e).splitlines()[0][:120]})")
                     us = float("inf")
@@ -510,10 +502,8 @@ def _tune(tasks, spec, log_, budget, previous, versions, dev, batch, out, seed) 
                 n_new += 1
                 done_trials += 1
                 bk = _fastest(measured)
-                left = sum(budget.values()) - done_trials
-                eta = (time.perf_counter() - t_start) / done_trials * max(left, 0)
+                eta = (time.perf_counter() - t_start) / done_trials * max(total - done_trials, 0)
                 status = f"best {measured[bk]:.2f} us {bk}  ETA {eta:.0f} s" if bk else "no valid config yet"
-                total = sum(budget.values())
                 filled = 20 * min(done_trials, total) // total
                 bar = "#" * filled + "-" * (20 - filled)
                 out(f"|{bar}| {done_trials}/{total}  [{ti}/{len(tasks)}] {task.key}  "

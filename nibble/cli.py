@@ -65,8 +65,7 @@ def _options(a):
 def cmd_tune(a) -> int:
     """Import + quantize as compile does, then search every int4 and decode attention kernel's knobs on
     this machine."""
-    from compiler.build import prepare, quantize
-    from compiler.new_kv_entry import add_new_kv_entry
+    from compiler.build import lower, prepare
     from compiler.target import resolve
     from compiler.tuning import TuningLog, extract_tasks, tune
     from frontends import import_model
@@ -80,8 +79,7 @@ def cmd_tune(a) -> int:
         if here != spec["arch"]:
             raise NibbleError(f"tuning measures on the GPU: this machine has {here or 'no GPU'}, not {spec['arch']}")
     imp = import_model(a.model, None, opts.shapes)
-    mod, _, _ = quantize(imp.mod, imp.params, opts, log=lambda s: print(s, flush=True))  # as compile does
-    mod, _ = add_new_kv_entry(mod)  # a decoder's decode entry: its attention reads (past, new) in place
+    mod, _, _, _ = lower(imp, opts, log=lambda s: print(s, flush=True))  # as compile does
     mod, _ = prepare(mod, spec)
     tasks = extract_tasks(mod, spec)
     if not tasks:

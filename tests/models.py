@@ -91,14 +91,11 @@ def prepared_for_sm90(path):
     input), the main_new_kv entry, and prepare()'s rewrites."""
     import tvm
 
-    from compiler.build import BuildOptions, prepare, quantize
-    from compiler.new_kv_entry import add_new_kv_entry
+    from compiler.build import BuildOptions, lower, prepare
     from compiler.target import resolve
     from frontends import import_model
 
-    imp = import_model(str(path))
-    mod, _, _ = quantize(imp.mod, imp.params, BuildOptions(target="cuda"), lambda *a: None)
-    mod, _ = add_new_kv_entry(mod)
+    mod, _, _, _ = lower(import_model(str(path)), BuildOptions(target="cuda"), lambda *a: None)
     with tvm.target.Target({"kind": "cuda", "arch": "sm_90"}):
         mod, _ = prepare(mod, resolve("cuda", "sm_90"), None, lambda *a: None)
     return mod

@@ -293,7 +293,7 @@ def test_tune_measures_the_default_first_and_every_config_once(monkeypatch, tmp_
 
     calls = []
 
-    def fake(task, cfg, spec, dev, repeat=7):
+    def fake(task, cfg, spec, dev, repeat=7, sets=None):
         calls.append(dict(cfg))
         return float("inf") if cfg["n_chunk"] == 128 else 100.0 / cfg["n_chunk"] + cfg["k_split"]
     monkeypatch.setattr(tuning, "measure", fake)
